@@ -8,11 +8,18 @@ semantic checks, raising `ConfigError` with the key, the value and what is allow
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 DEVICE_TYPES = ("cpu", "cuda", "neuron")
 BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo"), "neuron": ("neuron", "xla")}
@@ -210,6 +217,42 @@ def register_schema() -> None:
 register_schema()
 
 
+def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """The config `python -m trainer <overrides>` would run, composed without running anything."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def load(overrides: Sequence[str] = ()) -> RunConfig:
+    return validate(compose(overrides))
+
+
+# What a bad command line or config file raises: the entry points print these as one line, exit 2.
+CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
+
+
+def describe(exc: BaseException) -> str:
+    """A config error as at most a few short lines: Hydra's and OmegaConf's messages carry
+    multi-line context (full_key, object_type) that repeats what the first lines say."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    noise = ("full_key:", "object_type=", "reference_type=", "Set the environment variable")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.startswith(noise)]
+    return " ".join(lines[:3]) or type(exc).__name__
+
+
+def locate(dotted: str) -> Any:
+    """The object a `_target_` names, e.g. `pkg.module.Class`."""
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ImportError(f"{dotted!r} is not a dotted path")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def validate(cfg: DictConfig) -> RunConfig:
     """The composed config as a typed `RunConfig`, after every check that needs several keys."""
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
@@ -240,6 +283,7 @@ def _check_hardware(run: RunConfig) -> None:
 
 def _check_model(run: RunConfig) -> None:
     if not run.uses_reference_model:
+        _check_user_module(run.model._target_)
         return
     m = run.model
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
@@ -252,6 +296,17 @@ def _check_model(run: RunConfig) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError("model.n_kv_heads", m.n_kv_heads,
                           f"must divide model.n_heads={m.n_heads}")
+
+
+def _check_user_module(target: str) -> None:
+    import pytorch_lightning as pl
+
+    try:
+        cls = locate(target)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("model._target_", target, f"cannot be imported ({exc})") from None
+    if not (isinstance(cls, type) and issubclass(cls, pl.LightningModule)):
+        raise ConfigError("model._target_", target, "must name a LightningModule subclass")
 
 
 def _check_data(run: RunConfig) -> None:

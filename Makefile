@@ -1,0 +1,49 @@
+# Two commands set up a fresh machine and use it: `make train` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: only this version installs the CPU wheel here; anything else (or a package
+# that asks for a newer torch) pulls the multi-GB CUDA build. GPU machines: TORCH_SPEC=torch==2.x.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install --disable-pip-version-check --quiet
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install dev train test lint bench system-deps clean
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e . "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e ".[dev]" "$(TORCH_SPEC)"
+	touch $@
+
+# What the tests need outside Python: headless Chromium for the MLflow UI test.
+system-deps:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+
+# The default job: python -m trainer with no arguments (add overrides with ARGS="key=value ...").
+train: install
+	$(PY) -m trainer $(ARGS)
+
+test: dev system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: dev
+	$(VENV)/bin/ruff check trainer launch tests bench
+
+bench: dev
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf outputs multirun mlflow.db mlruns .pytest_cache

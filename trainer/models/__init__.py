@@ -1,0 +1,1 @@
+"""The reference decoder (`llama`) and how it is parallelised (`parallelize`)."""

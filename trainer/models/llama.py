@@ -1,0 +1,250 @@
+"""A Llama-style decoder, short enough to read in one sitting.
+
+RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU feed-forward: the Llama 3
+recipe (Grattafiori et al. 2024, "The Llama 3 Herd of Models"). Nothing here knows about
+distribution. `trainer/models/parallelize.py` applies tensor parallel, FSDP2, activation
+checkpointing and torch.compile from outside, which is why the model keeps to a few rules:
+
+- every projection is a bias-free `nn.Linear` with a stable name (wq, wk, wv, wo, w1, w2, w3), so a
+  tensor-parallel plan can name it as ColwiseParallel or RowwiseParallel;
+- heads are counted from the tensor (`view(B, T, -1, head_dim)`), never from the config, so a rank
+  that holds a column shard of wq/wk/wv computes with just its own heads;
+- blocks live in an `nn.ModuleDict` keyed "0".."n-1", so each can be wrapped or replaced by key;
+- rotary tables are real cos/sin buffers (no complex dtype), kept out of checkpoints;
+- the constructor may run on the meta device: `init_weights()` fills every parameter and buffer
+  afterwards, from torch's global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INIT_STD = 0.02  # GPT-2's initialisation scale, which Llama reference implementations keep
+
+
+@dataclass
+class ModelArgs:
+    """The decoder's shape; field names are the shape keys of `trainer.config.ModelConfig`."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    vocab_size: int = 256
+    ffn_dim: int = 768
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, model_cfg: Any) -> ModelArgs:
+        """The shape keys of a `ModelConfig` (or a DictConfig of one); `_target_`, `name` and
+        `kwargs` are not part of the shape."""
+        return cls(**{f.name: getattr(model_cfg, f.name) for f in fields(cls)})
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
+                  device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin of every (position, pair) angle, each [max_seq_len, head_dim / 2].
+
+    Pair i turns at frequency theta^(-2i / head_dim) (Su et al. 2021, RoFormer, eq. 15).
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                          / head_dim)
+    positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of x [B, T, heads, head_dim] by its angle.
+
+    Adjacent pairs, not halves, match the layout of Meta's released Llama weights. The rotation
+    runs in float32 so that under bf16 it adds no rounding of its own.
+    """
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """Scale by the reciprocal root mean square (Zhang & Sennrich 2019); no mean, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # float32 for the mean of squares: in bf16 its rounding error would scale every feature
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        kv_dim = args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, args.dim, bias=False)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallel this rank holds only its column shard of wq/wk/wv
+        q = apply_rotary(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
+        k = apply_rotary(self.wk(x).view(B, T, -1, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA takes [B, heads, T, head_dim]
+        # enable_gqa only when heads are shared: with it, CUDA offers just the flash and math
+        # kernels (torch's SDPA docs), so plain multi-head attention keeps every kernel
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=k.size(1) != q.size(1))
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def init_weights(self, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, std=INIT_STD)
+        nn.init.normal_(self.wo.weight, std=out_std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x), w1 the gate, w3 the up projection."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, out_std: float) -> None:
+        nn.init.normal_(self.w1.weight, std=INIT_STD)
+        nn.init.normal_(self.w3.weight, std=INIT_STD)
+        nn.init.normal_(self.w2.weight, std=out_std)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def init_weights(self, out_std: float) -> None:
+        self.attention_norm.reset_parameters()
+        self.attention.init_weights(out_std)
+        self.ffn_norm.reset_parameters()
+        self.feed_forward.init_weights(out_std)
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] to next-token logits [B, T, vocab_size]."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # derived from args, so recomputed rather than saved: persistent=False
+        cos, sin = rotary_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        T = tokens.size(1)
+        if T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))
+
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """(Re)initialise every parameter and the rotary tables, drawing from the global RNG.
+
+        After `to_empty()` the rotary buffers hold garbage and tied weights are two tensors
+        again, so both are restored here. Output projections (wo, w2) feed the residual stream,
+        which sums 2 x n_layers of them: their std shrinks by sqrt(2 x n_layers) to keep its
+        variance flat with depth (Radford et al. 2019, GPT-2, section 2.3).
+        """
+        args = self.args
+        device = buffer_device if buffer_device is not None else self.rope_cos.device
+        self.rope_cos, self.rope_sin = rotary_tables(args.head_dim, args.max_seq_len,
+                                                     args.rope_theta, device)
+        nn.init.normal_(self.tok_embeddings.weight, std=INIT_STD)
+        out_std = INIT_STD / math.sqrt(2 * args.n_layers)
+        for layer in self.layers.values():
+            layer.init_weights(out_std)
+        self.norm.reset_parameters()
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        else:
+            nn.init.normal_(self.output.weight, std=INIT_STD)
+
+
+def num_params(args: ModelArgs, *, include_embedding: bool = True) -> int:
+    """Parameter count from the shape alone, without building the model.
+
+    include_embedding=False leaves out the token-embedding table, a lookup that does no
+    arithmetic. The output projection stays: it is a matmul over every token. With tied
+    embeddings the shared matrix is counted once, as the output projection.
+    """
+    kv_dim = args.n_kv_heads * args.head_dim
+    attention = 2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
+    feed_forward = 3 * args.dim * args.ffn_dim  # w1, w2, w3
+    block = attention + feed_forward + 2 * args.dim  # + two RMSNorm weights
+    head = args.dim + args.vocab_size * args.dim  # final norm + output projection
+    non_embedding = args.n_layers * block + head
+    separate_table = not args.tie_embeddings and include_embedding
+    return non_embedding + (args.vocab_size * args.dim if separate_table else 0)
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token: 6N + 12 * n_layers * dim * seq_len.
+
+    The PaLM convention (Chowdhery et al. 2022, appendix B), which torchtitan also uses for MFU:
+    each weight does one multiply-add per token in the forward pass and two in the backward (6N,
+    N the non-embedding parameters); attention's scores and weighted sum add 2 x 2 x seq_len x dim
+    per layer forward (counted the same way in Chinchilla, Hoffmann et al. 2022, appendix F),
+    times 3 for forward + backward.
+    Causal mask: the attention term counts the full seq_len x seq_len score matrix, as PaLM does,
+    although the mask makes half of it unnecessary; a kernel that skips masked blocks does about
+    half that work, so MFU from this figure is comparable with published ones, not a hardware count.
+    """
+    dense = 6 * num_params(args, include_embedding=False)
+    attention = 12 * args.n_layers * args.dim * seq_len
+    return float(dense + attention)
