@@ -8,7 +8,9 @@ semantic checks, raising `ConfigError` with the key, the value and what is allow
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +54,8 @@ class HardwareConfig:
     memory_bw_gbs: float = MISSING  # GB/s
     peak_tflops_bf16: float = MISSING  # dense
     peak_tflops_fp8: Optional[float] = None  # dense; null where not published
-    intra_node_bw_gbs: float = MISSING  # GB/s per chip to the other chips of its node
-    intra_domain_bw_gbs: float = MISSING  # GB/s per chip to chips of other nodes in its domain
+    intra_node_bw_gbs: float = MISSING  # GB/s per chip, one direction, to chips of its node
+    intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to other nodes of its domain
     efa_bw_gbps: float = 0.0  # Gbit/s per node over EFA, the inter-domain link
     efa_interfaces: int = 0
     launch_env: dict[str, str] = field(default_factory=dict)
@@ -255,11 +257,26 @@ def locate(dotted: str) -> Any:
 
 def validate(cfg: DictConfig) -> RunConfig:
     """The composed config as a typed `RunConfig`, after every check that needs several keys."""
+    _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
                   _check_trainer, _check_checkpoint, _check_tracking, _check_cluster):
         check(run)
     return run
+
+
+def _reject_undeclared_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """Refuse keys the schema does not declare. Hydra's `+key=value` adds a key even to a typed
+    node, and to_object() would carry it along silently."""
+    hints = typing.get_type_hints(schema)
+    declared = {f.name for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in declared:
+            raise ConfigError(f"{prefix}{key}", OmegaConf.select(node, str(key)),
+                              f"not a key of {prefix.rstrip('.') or 'the root config'}; allowed: "
+                              f"{', '.join(sorted(declared))}")
+        if dataclasses.is_dataclass(hints.get(str(key))):
+            _reject_undeclared_keys(node[key], hints[str(key)], f"{prefix}{key}.")
 
 
 def _positive(key: str, value: float) -> None:

@@ -3,6 +3,9 @@
 The figures live as data in `configs/hardware/*.yaml` (each with its source); this module only reads
 them and derives per-rank quantities. The mesh unit is the rank: one GPU, or one logical NeuronCore
 on Trainium (a Trn2 chip is 4 ranks at the default LNC=2).
+
+Link figures in the catalog are GB/s per chip in one direction (vendors' bidirectional totals are
+halved there), so that they compare with EFA, whose Gbit/s per node is also one direction's rate.
 """
 
 from __future__ import annotations
@@ -25,11 +28,17 @@ class HardwareSpec:
     @classmethod
     def load(cls, name: str) -> HardwareSpec:
         """The catalog entry `configs/hardware/<name>.yaml`, checked against the schema."""
-        from omegaconf import OmegaConf
-
         path = CONFIG_DIR / "hardware" / f"{name}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such hardware; the catalog has {catalog()}")
+        return cls.from_file(path)
+
+    @classmethod
+    def from_file(cls, path: Path) -> HardwareSpec:
+        """A hardware entry kept outside the catalog. Unknown keys, values of the wrong type and
+        missing figures raise OmegaConf's errors, naming the key."""
+        from omegaconf import OmegaConf
+
         merged = OmegaConf.merge(OmegaConf.structured(HardwareConfig), OmegaConf.load(path))
         return cls(OmegaConf.to_object(merged))  # type: ignore[arg-type]
 

@@ -184,10 +184,11 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def forward(self, tokens: Tensor) -> Tensor:
-        T = tokens.size(1)
-        if T > self.args.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        seq_len = tokens.size(1)
+        if seq_len > self.args.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds "
+                             f"max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
             h = layer(h, cos, sin)

@@ -1,0 +1,240 @@
+"""Lay the reference decoder out over a device mesh: tensor parallel, activation checkpointing,
+torch.compile, then FSDP2, in that order (the order torchtitan uses, and the only one that composes:
+FSDP2 shards the DTensors tensor parallel made, and wraps what checkpointing and compile produced).
+
+The mesh has the dims of `trainer.plan.MESH_DIMS`: ("dp_replicate", "dp_shard", "cp", "tp").
+
+- Tensor parallel (Megatron-LM's layout, Shoeybi et al. 2019): wq/wk/wv and w1/w3 split by output
+  columns, wo and w2 by input rows, so each block needs one all-reduce after attention and one after
+  the feed-forward. The embedding table and the output head split by vocabulary. With
+  `sequence_parallel` the norms and the residual stream between blocks are split by sequence
+  instead of replicated (Korthikanti et al. 2022), and those all-reduces become reduce-scatter +
+  all-gather.
+- Parameters tensor parallel leaves whole (the norms) must start identical on every TP rank; the
+  module seeds every rank the same, and `check_replicated` proves it before training starts.
+- FSDP2 (`fully_shard`) wraps each block, the embedding, and the final norm with the head, then the
+  root; over ("dp_replicate", "dp_shard") it is HSDP: sharded within a replica, replicated across.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from trainer.config import ParallelismConfig
+from trainer.models.llama import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# torch.compile backend per device type: TorchNeuron registers its own; inductor elsewhere.
+COMPILE_BACKENDS = {"cuda": "inductor", "cpu": "inductor", "neuron": "neuron"}
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelismConfig, *,
+                precision: str = "32-true") -> Transformer:
+    """Apply tensor parallel, activation checkpointing, compile and FSDP2 to `model` in place,
+    as `cfg` and the mesh's sizes ask; returns `model`.
+
+    `precision` is Lightning's (trainer.precision): it only has to agree with the FSDP dtypes.
+    """
+    tp, cp = dim_size(mesh, "tp"), dim_size(mesh, "cp")
+    if cp > 1:
+        raise NotImplementedError("context parallel (cp > 1) is not implemented yet")
+    if tp > 1:
+        check_tp_degree(model, tp)
+        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel)
+        check_replicated(model, mesh["tp"])
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model, COMPILE_BACKENDS.get(mesh.device_type, "inductor"))
+    dp_mesh = data_parallel_mesh(mesh)
+    if dp_mesh is not None:
+        apply_fsdp(model, dp_mesh, mixed_precision_policy(cfg, precision))
+    return model
+
+
+def dim_size(mesh: DeviceMesh, name: str) -> int:
+    """Size of dim `name`, 1 when the mesh has no such dim."""
+    names = mesh.mesh_dim_names or ()
+    return mesh.size(names.index(name)) if name in names else 1
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
+    """The mesh FSDP2 works over: (dp_replicate, dp_shard) for HSDP, dp_shard alone without
+    replicas, None when there is no data parallelism at all."""
+    replicate, shard = dim_size(mesh, "dp_replicate"), dim_size(mesh, "dp_shard")
+    if replicate * shard == 1:
+        return None
+    if replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensor parallel
+
+
+def check_tp_degree(model: Transformer, tp: int) -> None:
+    """Every split dimension must divide evenly: a rank computes with whole heads, and GQA needs
+    each rank's query heads to share that rank's key/value heads."""
+    args = model.args
+    for what, size in (("model.n_kv_heads", args.n_kv_heads), ("model.n_heads", args.n_heads),
+                       ("model.ffn_dim", args.ffn_dim), ("model.vocab_size", args.vocab_size)):
+        if size % tp:
+            raise ValueError(f"parallelism.tp={tp} must divide {what}={size}")
+
+
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *,
+                          sequence_parallel: bool) -> None:
+    """Split the projections over `tp_mesh` (the Megatron layout described in the module doc)."""
+    # With sequence parallel the residual stream is sharded on dim 1 (sequence) between blocks.
+    stream = Shard(1) if sequence_parallel else Replicate()
+    parallelize_module(model, tp_mesh, {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=stream),
+        "output": ColwiseParallel(input_layouts=stream, output_layouts=Replicate()),
+        **({"norm": SequenceParallel()} if sequence_parallel else {}),
+    })
+    for block in model.layers.values():
+        plan = {
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=stream),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=stream),
+        }
+        if sequence_parallel:
+            plan |= {
+                "attention_norm": SequenceParallel(),
+                "ffn_norm": SequenceParallel(),
+                # blocks call attention(x, cos, sin): gather x's sequence, leave the tables alone
+                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                desired_input_layouts=(Replicate(), None, None)),
+                "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                   desired_input_layouts=(Replicate(),)),
+            }
+        parallelize_module(block, tp_mesh, plan)
+    if model.args.tie_embeddings:
+        # Each style distributed its own copy; both shard the [vocab, dim] matrix on dim 0, so
+        # one DTensor serves both again.
+        model.output.weight = model.tok_embeddings.weight
+
+
+def check_replicated(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Raise unless every parameter tensor parallel does not split holds the same values on
+    every rank of `tp_mesh`.
+
+    One collective for all of them: each rank contributes (sum, sum of squares) per parameter in
+    float64, reduced with MAX and with -MIN; any difference between ranks shows up as max != min.
+    Parameters on the meta device carry no values and are skipped.
+    """
+    names, fingerprints = [], []
+    for name, param in model.named_parameters():
+        if _split_over(param, tp_mesh) or param.device.type == "meta":
+            continue
+        values = (param.to_local() if isinstance(param, DTensor) else param).detach().double()
+        names.append(name)
+        fingerprints.append(torch.stack((values.sum(), values.pow(2).sum())).cpu())
+    if not names:
+        return
+    local = torch.stack(fingerprints).to(_comm_device(tp_mesh))
+    group = tp_mesh.get_group()
+    high, low = local.clone(), -local
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX, group=group)
+    differs = (high != -low).any(dim=1).tolist()
+    bad = [name for name, diff in zip(names, differs, strict=True) if diff]
+    if bad:
+        raise RuntimeError(
+            f"{len(bad)} parameter(s) that tensor parallel keeps whole differ between TP ranks "
+            f"(first: {bad[0]}); seed every rank the same before building the model")
+
+
+def _split_over(param: torch.Tensor, tp_mesh: DeviceMesh) -> bool:
+    """True for a DTensor sharded over the TP mesh."""
+    if not isinstance(param, DTensor) or tp_mesh.mesh_dim_names is None:
+        return False
+    names = param.device_mesh.mesh_dim_names or ()
+    tp_name = tp_mesh.mesh_dim_names[0]
+    return tp_name in names and isinstance(param.placements[names.index(tp_name)], Shard)
+
+
+def _comm_device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
+
+
+# ------------------------------------------------------------------------------------------------
+# Activation checkpointing and compile
+
+
+def apply_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's forward in backward instead of keeping its activations: a block
+    then keeps only its input (torchtitan's "full" mode)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for key, block in list(model.layers.items()):
+        # checkpoint_wrapper's state-dict hooks drop its prefix: checkpoint keys stay the same
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: Transformer, backend: str) -> None:
+    """Compile each block on its own: the blocks share one graph (compiled once), and FSDP2's
+    hooks stay between blocks, outside the graphs. In place, so parameter names do not change."""
+    for block in model.layers.values():
+        block.compile(backend=backend, fullgraph=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def mixed_precision_policy(cfg: ParallelismConfig, precision: str) -> MixedPrecisionPolicy:
+    """FSDP's gather and reduce dtypes from parallelism.param_dtype / reduce_dtype (None: the
+    parameters' own dtype, as the planner assumes).
+
+    Under "bf16-true" the parameters already are bf16; gathering them as float32 would double the
+    traffic and add no precision, so that combination is refused.
+    """
+    if precision == "bf16-true" and cfg.param_dtype == "float32":
+        raise ValueError("parallelism.param_dtype=float32 with trainer.precision=bf16-true "
+                         "gathers bf16 weights as float32: use bfloat16 or leave it null")
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None,
+        reduce_dtype=DTYPES[cfg.reduce_dtype] if cfg.reduce_dtype else None,
+    )
+
+
+def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+    """One FSDP unit per block, one for the embedding, one for the final norm and the head (kept
+    gathered after forward: backward needs them first), then the root.
+
+    Tied embeddings are one parameter in two places; it then stays with the root rather than
+    being claimed by two units.
+    """
+    def shard(module: nn.Module | list[nn.Module], **kwargs) -> None:
+        fully_shard(module, mesh=dp_mesh, mp_policy=policy, **kwargs)
+
+    for block in model.layers.values():
+        shard(block)
+    if not model.args.tie_embeddings:
+        shard(model.tok_embeddings)
+        shard([model.norm, model.output], reshard_after_forward=False)
+    shard(model)
