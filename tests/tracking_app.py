@@ -1,6 +1,7 @@
 """A stand-in for `python -m trainer` for the tracking tests: the real config tree, the real
 `trainer.tracking` and a real Lightning fit of a tiny model on CPU, with Lightning's ModelCheckpoint
-writing `<checkpoint.dir>/last.ckpt`. `checkpoint.resume=last` resumes from it.
+writing `<checkpoint.dir>/last.ckpt` (a relative `checkpoint.dir` is under the run directory);
+`checkpoint.resume=last` resumes from it.
 
 Test knobs that the schema has no key for come from the environment:
 TRACKING_APP_STEP_S (seconds each step sleeps, so a test can kill it mid-run) and
@@ -27,20 +28,22 @@ from trainer import tracking
 from trainer.config import dp_size, validate
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+LAUNCH_SCRIPT = "#!/bin/sh\npython tests/tracking_app.py\n"
 
 
 class TinyRegression(pl.LightningModule):
     """One linear layer; logs like the real trainer: plain floats through trainer.logger."""
 
-    def __init__(self, lr: float, step_s: float, fail_at: int):
+    def __init__(self, lr: float, step_s: float = 0.0, fail_at: int = 0,
+                 failure: type[BaseException] = RuntimeError):
         super().__init__()
         self.layer = torch.nn.Linear(8, 1)
-        self.lr, self.step_s, self.fail_at = lr, step_s, fail_at
+        self.lr, self.step_s, self.fail_at, self.failure = lr, step_s, fail_at, failure
         self.logged: list[tuple[int, float]] = []
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         if self.global_step + 1 == self.fail_at:
-            raise RuntimeError(f"injected failure at step {self.fail_at}")
+            raise self.failure(f"injected failure at step {self.fail_at}")
         time.sleep(self.step_s)
         x, y = batch
         return torch.nn.functional.mse_loss(self.layer(x), y)
@@ -48,7 +51,7 @@ class TinyRegression(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         step, loss = self.trainer.global_step, float(outputs["loss"])
         self.logged.append((step, loss))
-        self.trainer.logger.log_metrics({"loss": loss, "lr": self.lr}, step=step)
+        self.trainer.logger.log_metrics({"train/loss": loss, "train/lr": self.lr}, step=step)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         generator = torch.Generator().manual_seed(0)
@@ -103,9 +106,8 @@ def main(cfg: DictConfig) -> None:
     track = tracking.setup(run, run_dir=run_dir,
                            resolved_config=OmegaConf.to_container(cfg, resolve=True),
                            overrides=list(hydra_cfg.overrides.task), mesh_shape=mesh_shape(run),
-                           rank=0, sweep=sweep,
-                           launch_artifact=("launch.sh", "#!/bin/sh\npython tests/tracking_app.py\n"))
-    ckpt_dir = Path(run.checkpoint.dir)
+                           rank=0, sweep=sweep, launch_artifact=("launch.sh", LAUNCH_SCRIPT))
+    ckpt_dir = run_dir / run.checkpoint.dir
     checkpoints = ReportingCheckpoint(track, dirpath=ckpt_dir, save_top_k=0, save_last=True,
                                       every_n_train_steps=run.checkpoint.every_n_steps)
     trainer = pl.Trainer(max_steps=run.trainer.max_steps, accelerator="cpu", devices=1,

@@ -90,7 +90,7 @@ class PeriodicCheckpoint(pl.Callback):
         start = time.perf_counter()
         if trainer.is_global_zero:
             fs.makedirs(root, exist_ok=True)
-        trainer.save_checkpoint(url)  # every rank: sharded strategies write their own shards
+        trainer.save_checkpoint(url, weights_only=False)  # every rank: sharded strategies write their own shards
         seconds = time.perf_counter() - start
         if trainer.is_global_zero:
             fs.pipe_file(posixpath.join(root, LATEST), name.encode())  # the commit

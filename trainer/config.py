@@ -237,14 +237,18 @@ CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
 
 
 def describe(exc: BaseException) -> str:
-    """A config error as at most a few short lines: Hydra's and OmegaConf's messages carry
-    multi-line context (full_key, object_type) that repeats what the first lines say."""
+    """A config error as one line: Hydra's and OmegaConf's messages carry multi-line context
+    (full_key, object_type) that repeats what the first lines say."""
     if isinstance(exc, ConfigError):
         return str(exc)
-    noise = ("full_key:", "object_type=", "reference_type=", "Set the environment variable")
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith(noise)]
-    return " ".join(lines[:3]) or type(exc).__name__
+    noise = ("full_key:", "object_type=", "reference_type=", "Set the environment variable",
+             "Config search path", "provider=")
+    messages = [str(exc)]
+    if exc.__cause__ is not None and str(exc.__cause__) not in messages[0]:
+        messages.append(str(exc.__cause__))
+    lines = [ln.strip() for msg in messages for ln in msg.splitlines() if ln.strip()]
+    text = " ".join(ln for ln in lines if not ln.startswith(noise)) or type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 def locate(dotted: str) -> Any:

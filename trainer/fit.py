@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ class FitResult:
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
         sweep: tracking.SweepInfo | None = None) -> FitResult:
     mesh_plan = plan(run)
+    _quiet_lightning()
     _same_threads_on_every_rank(run)
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
@@ -146,6 +148,18 @@ def _throughput(run: RunConfig, mesh_plan: MeshPlan, hardware: HardwareSpec,
         peak_flops_per_chip=hardware.peak_flops_per_rank() * run.hardware.ranks_per_chip,
         chips=mesh_plan.world_size / run.hardware.ranks_per_chip,
     )
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertising and a deprecation warning raised inside Lightning itself:
+    neither says anything about this run."""
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def _same_threads_on_every_rank(run: RunConfig) -> None:

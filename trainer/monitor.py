@@ -147,7 +147,7 @@ class ProgressDisplay(pl.Callback):
         step = trainer.global_step
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=self._stats())
-        elif self.monitor.latest_step != self._logged_step and (
+        elif self.monitor.latest and self.monitor.latest_step != self._logged_step and (
             self.monitor.latest_step % self.log_every == 0 or step >= trainer.max_steps
         ):
             self._logged_step = self.monitor.latest_step

@@ -133,7 +133,6 @@ class MeshPlan:
         return data
 
 
-
 # ---------------------------------------------------------------------------------------------
 # What the planner knows about a run, derived once
 
@@ -142,10 +141,10 @@ class MeshPlan:
 class Params:
     """Parameter counts of the reference decoder (`trainer/models/llama.py`) by how they shard.
 
-    Tensor parallel splits every matmul weight: wq/wk/wv/w1/w3 by output columns, wo/w2 by input
-    rows, the output head by vocabulary (column-wise) and the embedding table by vocabulary
-    (Megatron's vocab-parallel embedding; torchtitan's Llama plan does the same). RMSNorm weights
-    are replicated over tp. FSDP shards everything.
+    Assumed tensor-parallel plan (torchtitan's for Llama): every matmul weight is split, wq/wk/wv/
+    w1/w3 by output columns, wo/w2 by input rows, the output head by vocabulary (column-wise),
+    and the embedding table by vocabulary too (Megatron's vocab-parallel embedding). RMSNorm
+    weights are replicated over tp. FSDP shards everything.
     """
 
     block_matmul: int  # one block's projections
@@ -183,8 +182,8 @@ class Params:
         return self.tp_split / tp + self.total - self.tp_split
 
     def largest_fsdp_unit(self, tp: int) -> float:
-        """FSDP2 groups each block, the embedding, and norm + head into units of their own; the
-        largest is what one all-gather materializes (per tp rank)."""
+        """The most parameters one FSDP all-gather materializes on a tp rank, assuming FSDP2
+        units as torchtitan wraps them: each block, the embedding, and final norm + head."""
         return max(self.block_matmul / tp + self.block_norms, self.embedding / tp,
                    self.head / tp + self.final_norm)
 
@@ -223,7 +222,8 @@ class Widths:
     master: the stored (sharded) parameters, their gradients and AdamW's two states, which
         torch keeps in the parameter dtype: fp32, or bf16 under "bf16-true".
     compute: matmul inputs and outputs, hence most saved activations: 16-bit under mixed
-        precision or "bf16-true", the gathered dtype when FSDP gathers in parallelism.param_dtype.
+        precision or "bf16-true"; parallelism.param_dtype where FSDP wraps the model (its
+        MixedPrecisionPolicy casts the weights and each unit's inputs).
     residual: the residual stream between blocks. Under autocast the embedding lookup stays in
         fp32 and so does every residual add; it is 16-bit only when the weights themselves are.
     gather / reduce: what FSDP all-gathers parameters and reduces gradients in.
@@ -240,14 +240,12 @@ class Widths:
     autocast_copies: bool
 
     @classmethod
-    def of(cls, run: RunConfig, fsdp_size: int) -> Widths:
+    def of(cls, run: RunConfig, plan: MeshPlan) -> Widths:
         precision, p = run.trainer.precision, run.parallelism
         master = 2 if precision == "bf16-true" else 4
-        fsdp_casts = fsdp_size > 1 and p.param_dtype is not None
-        if fsdp_casts:
-            compute = _WIDTH[p.param_dtype]
-        else:
-            compute = 2 if precision in _MIXED or precision == "bf16-true" else 4
+        fsdp_casts = _fsdp_wraps(plan) and p.param_dtype is not None
+        precision_compute = 4 if precision == "32-true" else 2
+        compute = _WIDTH[p.param_dtype] if fsdp_casts else precision_compute
         residual = compute if fsdp_casts or precision == "bf16-true" else 4
         gather = _WIDTH[p.param_dtype] if p.param_dtype else master
         reduce = _WIDTH[p.reduce_dtype] if p.reduce_dtype else gather
@@ -319,9 +317,11 @@ def memory_breakdown(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
     fsdp_buffers: with FSDP, the unsharded parameters of the unit being computed and the next
         one (prefetched) in the gather dtype, and one unit's unsharded gradients before
         reduce-scatter in the reduce dtype.
+    ddp_buckets: plain data parallel (replicas only, run by torch DDP) copies the gradients into
+        its all-reduce buckets (gradient_as_bucket_view is off by default).
     activations, logits: see `activation_bytes` and `logits_bytes`.
     """
-    w = Widths.of(facts.run, plan.fsdp_size)
+    w = Widths.of(facts.run, plan)
     p = facts.params
     local = p.per_tp_rank(plan.tp) / plan.fsdp_size
     unit = p.largest_fsdp_unit(plan.tp)
@@ -331,9 +331,21 @@ def memory_breakdown(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
         "optimizer": 2 * local * w.master,
         "autocast_weights": p.matmul / plan.tp * w.compute if w.autocast_copies else 0.0,
         "fsdp_buffers": unit * (2 * w.gather + w.reduce) if plan.fsdp_size > 1 else 0.0,
+        "ddp_buckets": local * w.reduce if _is_plain_ddp(plan) else 0.0,
         "activations": activation_bytes(facts, plan, w),
         "logits": logits_bytes(facts, plan, w),
     }
+
+
+def _is_plain_ddp(plan: MeshPlan) -> bool:
+    """Replicas only: the trainer runs these with torch DDP, not on a device mesh."""
+    return plan.dp_replicate > 1 and plan.shape[1:] == (1, 1, 1)
+
+
+def _fsdp_wraps(plan: MeshPlan) -> bool:
+    """FSDP2 wraps the model on a mesh with data parallelism (`parallelize.data_parallel_mesh`;
+    over dp_replicate alone it only replicates)."""
+    return plan.dp_size > 1 and not _is_plain_ddp(plan)
 
 
 def activation_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
@@ -345,27 +357,33 @@ def activation_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
     attention kernel that keeps no seq_len x seq_len matrix. Per block and token (h = dim,
     f = ffn_dim, kv = n_kv_heads x head_dim; c, r = compute and residual widths):
 
-      each of the two RMSNorms: its input as fp32 (4h), its scaled output in the residual dtype
-          (r h) and that output as the next matmul saves it (c h): (4 + r + c) h
-      attention: q, k, v after rotary embedding, the kernel's output and its reshaped copy that
-          wo saves: c (3h + 2 kv)
+      each of the two RMSNorms: its input as fp32 and its scaled output: (4 + r) h
+      the normed input of the matmuls that follow: c h, once per norm; but autocast casts an
+          fp32 input once per matmul, so then 3 (wq, wk, wv) + 2 (w1, w3) copies
+      attention: q, k, v after rotary embedding and the kernel's output, which wo reads in place
+          (the kernel writes it token-major, so transposing it back costs no copy): c (2h + 2 kv)
       SwiGLU: w1's and w3's outputs, silu's output and the product that w2 saves: c 4f
 
-    Tensor parallel splits the attention and SwiGLU terms (each rank has its own heads and ffn
-    columns); the norms' terms are replicated unless sequence parallel splits them too
-    (Korthikanti eq. 2 vs 4). With activation checkpointing each block keeps only its input
-    (r h), and one block's full set is alive while it is recomputed in backward.
+    Checked against the bytes autograd saves for `trainer.models.llama` on CPU (tests). Tensor
+    parallel splits the attention and SwiGLU terms (each rank has its own heads and ffn columns);
+    the rest is replicated, but sequence parallel splits the norms' terms (Korthikanti eq. 2 vs
+    4) while the matmuls still save the gathered input. With activation checkpointing each block
+    keeps only its input (r h), and one block's full set is alive while it is recomputed in
+    backward. The final norm adds its own terms and the head's input.
     """
     args, tp = facts.args, plan.tp
-    norm_split = tp if facts.run.parallelism.sequence_parallel else 1
+    norm_split = tp if facts.run.parallelism.sequence_parallel and tp > 1 else 1
     kv_dim = args.n_kv_heads * args.head_dim
-    norm = (4 + w.residual + w.compute) * args.dim / norm_split
-    block = 2 * norm + w.compute * (3 * args.dim + 2 * kv_dim + 4 * args.ffn_dim) / tp
+    norm = (4 + w.residual) * args.dim / norm_split
+    matmul_inputs = (5 if w.residual != w.compute else 2) * w.compute * args.dim
+    block = (2 * norm + matmul_inputs
+             + w.compute * (2 * args.dim + 2 * kv_dim + 4 * args.ffn_dim) / tp)
     if plan.activation_checkpointing:
         blocks = args.n_layers * w.residual * args.dim / norm_split + block
     else:
         blocks = args.n_layers * block
-    return facts.tokens_per_microbatch(plan.cp) * (blocks + norm)  # + the final norm
+    final_norm = norm + w.compute * args.dim
+    return facts.tokens_per_microbatch(plan.cp) * (blocks + final_norm)
 
 
 def logits_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
@@ -423,7 +441,7 @@ def step_time(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
     Bandwidth only: latency per collective is not modelled.
     """
     run, hw, args = facts.run, facts.hardware, facts.args
-    w = Widths.of(run, plan.fsdp_size)
+    w = Widths.of(run, plan)
     links = plan.links or dim_links(facts.topology, plan.shape)
     accumulation = facts.accumulation(plan.dp_size)
     tokens = facts.tokens_per_step(plan.dp_size)
@@ -509,7 +527,7 @@ def memory_rejection(facts: RunFacts, plan: MeshPlan) -> Rejection | None:
         return None
     part, largest = max(plan.memory_breakdown.items(), key=lambda item: item[1])
     hint = (" (parallelism.param_dtype=bfloat16 has FSDP gather 16-bit weights instead)"
-            if part == "autocast_weights" and plan.fsdp_size > 1 else "")
+            if part == "autocast_weights" and _fsdp_wraps(plan) else "")
     ac = ", activation checkpointing" if plan.activation_checkpointing else ""
     return Rejection("parallelism", plan.mesh_str + ac,
                      f"needs {need / GIB:.1f} GiB per rank (largest: {part} "

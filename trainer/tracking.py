@@ -498,6 +498,7 @@ class Tracking:
         self._parent_id: str | None = None
         self._monitor: Any = None
         self._last_step = 0
+        self._kept_step: int | None = None
         self.logger = TrackingLogger(self)
         self.callbacks: list[pl.Callback] = [RunContinuity(self)]
         if self.sends:
@@ -525,14 +526,22 @@ class Tracking:
     # -- the hot path ------------------------------------------------------------------------
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Buffer one step's numbers; every `tracking.log_every_n_steps`-th step is kept."""
+        """Buffer one step's numbers (thinned to `tracking.log_every_n_steps`)."""
         step = self._last_step if step is None else step
         self._last_step = step
-        if not self.sends or step % self._every:
+        if not self.sends or self._thinned(step):
             return
         now = int(time.time() * 1000)
         self._sender.add_metrics(  # type: ignore[union-attr]
             (self._key(k), float(v), now, step) for k, v in metrics.items())
+
+    def _thinned(self, step: int) -> bool:
+        """Keep a step only `log_every_n_steps` after the last one kept (several calls for the
+        one step all pass), whatever cadence the trainer logs at."""
+        if self._kept_step is not None and 0 < step - self._kept_step < self._every:
+            return True
+        self._kept_step = step
+        return False
 
     def log_checkpoint(self, step: int, url: str, seconds: float, nbytes: int) -> None:
         """A committed checkpoint: its timing and size as metrics, its URL as a tag (no bytes)."""

@@ -90,11 +90,11 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
 
 
 def check_tp_degree(model: Transformer, tp: int) -> None:
-    """Every split dimension must divide evenly: a rank computes with whole heads, and GQA needs
-    each rank's query heads to share that rank's key/value heads."""
+    """Heads must split evenly: a rank computes with whole heads, and grouped-query attention
+    needs each rank's query heads to share that rank's key/value heads. (Other split dims may be
+    uneven: DTensor pads them.)"""
     args = model.args
-    for what, size in (("model.n_kv_heads", args.n_kv_heads), ("model.n_heads", args.n_heads),
-                       ("model.ffn_dim", args.ffn_dim), ("model.vocab_size", args.vocab_size)):
+    for what, size in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.n_kv_heads)):
         if size % tp:
             raise ValueError(f"parallelism.tp={tp} must divide {what}={size}")
 

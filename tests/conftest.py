@@ -1,0 +1,83 @@
+"""Shared fixtures: real components that tests start once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+MLFLOW_START_TIMEOUT_S = 120  # about 25 s on 2 idle cores; more while other suites run
+
+
+def require(what: str, why: str) -> None:
+    """A missing real component: the test fails under CI=true (it must run there), else skips."""
+    message = f"{what} is missing: {why}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow server` on loopback with a SQLite store and artifacts it serves itself (clients
+    upload over HTTP, as they would to a remote server). Yields its URL."""
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    if exe is None:
+        require("the mlflow command", "pip install mlflow")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = root / "server.log"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [exe, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
+        while not _answers(f"{url}/health"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless-capable Chromium (`apt-get install -y chromium`)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        require("chromium", "apt-get install -y chromium")
+    return exe
