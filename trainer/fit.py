@@ -6,6 +6,7 @@ what tracking records about the command line.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -37,6 +38,7 @@ class FitResult:
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
         sweep: tracking.SweepInfo | None = None) -> FitResult:
     mesh_plan = plan(run)
+    run = with_plan(run, mesh_plan)
     _quiet_lightning()
     _same_threads_on_every_rank(run)
     pl.seed_everything(run.seed, workers=True, verbose=False)
@@ -99,6 +101,15 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     if trainer.is_global_zero:
         _report(result, track)
     return result
+
+
+def with_plan(run: RunConfig, mesh_plan: MeshPlan) -> RunConfig:
+    """`run` with its parallelism settled: -1 filled and, for `auto`, the planner's choice, so
+    everything downstream reads one concrete mesh."""
+    dims = dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True))
+    parallelism = dataclasses.replace(
+        run.parallelism, **dims, activation_checkpointing=mesh_plan.activation_checkpointing)
+    return dataclasses.replace(run, parallelism=parallelism)
 
 
 def build_module(run: RunConfig) -> pl.LightningModule:

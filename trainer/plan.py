@@ -674,14 +674,19 @@ def main(argv: list[str] | None = None) -> int:
         run = validate(compose(overrides))
         plans = sorted(candidates(run), key=lambda p: (not p.feasible, preference(p)))
         chosen = plan(run)
-        if run.plan.validate:
-            from trainer.validate_plan import validate as validate_plan
-
-            validate_plan(run, chosen)
     except CONFIG_ERRORS as exc:
         print(f"config error: {describe(exc)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     print_table(run, plans, chosen, show_all=show_all)
+    if run.plan.validate:
+        # torch and a fake process group: only when asked for, after the table is out
+        from trainer.validate_plan import validate as validate_plan
+
+        try:
+            print(validate_plan(run, chosen).render())
+        except CONFIG_ERRORS as exc:
+            print(f"config error: {describe(exc)}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
     if run.plan.output:
         write_json(run, chosen, Path(run.plan.output))
         print(f"wrote {run.plan.output}")

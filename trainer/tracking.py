@@ -456,10 +456,19 @@ def _probe_http(uri: str) -> None:
         raise TrackingUnavailable(f"{redact_uri(uri)}/health: {exc}") from exc
 
 
+# The sender retries on its own schedule. MLflow's default (7 retries, backoff factor 2) holds one
+# request for minutes after the server is back, longer than a job's grace period at shutdown.
+# Settings the user exported win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client for `uri` and the id of `experiment` there (created when new)."""
     if uri.startswith(("http://", "https://")):
         _probe_http(uri)
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
