@@ -21,6 +21,7 @@ minutes) and prints its peak resident memory.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import resource
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -48,24 +49,35 @@ from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 TARGET_RATIO = 1.03  # issue 2: the loop may add at most 3% to a step
 
 
+def mark() -> tuple[float, float]:
+    """Wall-clock seconds, and CPU seconds of every thread of this process (the part of the time
+    that other people's jobs on a shared machine do not stretch, as long as threads do not spin)."""
+    return time.perf_counter(), time.process_time()
+
+
 @dataclass
 class Timing:
     """One training run seen from inside: when its steps ended, and what came before and after."""
 
     startup_s: float  # from the call to the first batch
-    batch_ends: list[float]  # perf_counter() at the end of every step
+    ends: list[tuple[float, float]]  # mark() at the end of every step
     end_s: float  # the last step (the final checkpoint on the ultramesh side) and closing down
     loss: float  # mean loss of the last logging window, to show both sides trained alike
 
+    # Steps 2..N-1 are compared: step 1 has no start mark, step N carries the end's work.
+
     @property
     def steps_s(self) -> list[float]:
-        """Durations of steps 2..N-1: step 1 has no start mark, step N carries the end's work."""
-        ends = self.batch_ends[:-1]
-        return [b - a for a, b in zip(ends, ends[1:], strict=False)]
+        """Wall-clock duration of each compared step."""
+        return [b[0] - a[0] for a, b in itertools.pairwise(self.ends[:-1])]
 
     @property
     def mean_step_s(self) -> float:
-        return (self.batch_ends[-2] - self.batch_ends[0]) / (len(self.batch_ends) - 2)
+        return (self.ends[-2][0] - self.ends[0][0]) / (len(self.ends) - 2)
+
+    @property
+    def cpu_step_s(self) -> float:
+        return (self.ends[-2][1] - self.ends[0][1]) / (len(self.ends) - 2)
 
 
 class BatchClock(pl.Callback):
@@ -75,14 +87,14 @@ class BatchClock(pl.Callback):
 
     def __init__(self) -> None:
         self.first_batch_start: float | None = None
-        self.batch_ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.first_batch_start is None:
             self.first_batch_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.batch_ends.append(time.perf_counter())
+        self.ends.append(mark())
 
 
 def bench_config(steps: int, store: Path) -> tuple[RunConfig, dict]:
@@ -116,8 +128,8 @@ def run_ultramesh(run: RunConfig, resolved: dict, run_dir: Path) -> Timing:
         result = trainer.fit.fit(run, run_dir=run_dir, resolved=resolved, overrides=[])
     done = time.perf_counter()
     assert clock.first_batch_start is not None
-    return Timing(startup_s=clock.first_batch_start - start, batch_ends=clock.batch_ends,
-                  end_s=done - clock.batch_ends[-2], loss=result.metrics["train/loss"])
+    return Timing(startup_s=clock.first_batch_start - start, ends=clock.ends,
+                  end_s=done - clock.ends[-2][0], loss=result.metrics["train/loss"])
 
 
 def endless(loader: TokenLoader) -> Iterator[Batch]:
@@ -136,7 +148,7 @@ def run_hand_loop(run: RunConfig) -> Timing:
     batches = endless(TokenDataModule(run.data, seed=run.seed).train_dataloader())
     model.train()
     losses: list[torch.Tensor] = []
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
     first_batch = time.perf_counter()
     for _ in range(run.trainer.max_steps):
         inputs, targets = next(batches)
@@ -147,10 +159,10 @@ def run_hand_loop(run: RunConfig) -> Timing:
         optimizer.step()
         scheduler.step()
         losses.append(loss.detach())  # no .item(): a hand loop that syncs would flatter the ratio
-        ends.append(time.perf_counter())
+        ends.append(mark())
     window = torch.stack(losses[-last_window(run):]).mean().item()
-    return Timing(startup_s=first_batch - start, batch_ends=ends,
-                  end_s=time.perf_counter() - ends[-2], loss=window)
+    return Timing(startup_s=first_batch - start, ends=ends,
+                  end_s=time.perf_counter() - ends[-2][0], loss=window)
 
 
 @dataclass
@@ -178,25 +190,31 @@ def run_rounds(steps: int, repeats: int, workdir: Path) -> Rounds:
     return rounds
 
 
-def pooled_median_ms(timings: list[Timing]) -> float:
-    return statistics.median(s for t in timings for s in t.steps_s) * 1e3
+def pooled_median_s(timings: list[Timing]) -> float:
+    return statistics.median(s for t in timings for s in t.steps_s)
+
+
+def median_of(timings: list[Timing], figure: Callable[[Timing], float]) -> float:
+    return statistics.median(figure(t) for t in timings)
 
 
 def report(rounds: Rounds, steps: int) -> None:
     u, h = rounds.ultramesh, rounds.hand
-    per_round = [a.mean_step_s / b.mean_step_s for a, b in zip(u, h, strict=True)]
-    u_med, h_med = pooled_median_ms(u), pooled_median_ms(h)
-    u_mean = statistics.median(t.mean_step_s for t in u) * 1e3
-    h_mean = statistics.median(t.mean_step_s for t in h) * 1e3
+    rows = [  # (label, ultramesh, hand loop, unit scale); the ratio is ultramesh / hand loop
+        ("median step, all steps (ms)", pooled_median_s(u), pooled_median_s(h), 1e3),
+        ("mean step, median of rounds (ms)", median_of(u, lambda t: t.mean_step_s),
+         median_of(h, lambda t: t.mean_step_s), 1e3),
+        ("CPU per step, median of rounds (ms)", median_of(u, lambda t: t.cpu_step_s),
+         median_of(h, lambda t: t.cpu_step_s), 1e3),
+    ]
     print(f"\nsteps 2..{steps - 1} of {steps}, {len(u)} rounds, {torch.get_num_threads()} threads")
-    print(f"{'':34} {'ultramesh':>10} {'hand loop':>10} {'ratio':>7}")
-    print(f"{'median step ms (all steps)':34} {u_med:>10.2f} {h_med:>10.2f} {u_med / h_med:>7.3f}")
-    print(f"{'mean step ms (median of rounds)':34} {u_mean:>10.2f} {h_mean:>10.2f} "
-          f"{u_mean / h_mean:>7.3f}")
-    print(f"{'start-up s (median)':34} {statistics.median(t.startup_s for t in u):>10.2f} "
-          f"{statistics.median(t.startup_s for t in h):>10.2f}")
-    print(f"{'last step + end s (median)':34} {statistics.median(t.end_s for t in u):>10.2f} "
-          f"{statistics.median(t.end_s for t in h):>10.2f}")
+    print(f"{'':36} {'ultramesh':>10} {'hand loop':>10} {'ratio':>7}")
+    for label, ours, theirs, scale in rows:
+        print(f"{label:36} {ours * scale:>10.2f} {theirs * scale:>10.2f} {ours / theirs:>7.3f}")
+    for label, figure in (("start-up (s)", lambda t: t.startup_s),
+                          ("last step + closing down (s)", lambda t: t.end_s)):
+        print(f"{label:36} {median_of(u, figure):>10.2f} {median_of(h, figure):>10.2f}")
+    per_round = [a.mean_step_s / b.mean_step_s for a, b in zip(u, h, strict=True)]
     print(f"per-round ratio of mean steps: min {min(per_round):.3f}, median "
           f"{statistics.median(per_round):.3f}, max {max(per_round):.3f}  (target <= "
           f"{TARGET_RATIO})")
@@ -210,16 +228,26 @@ class ChildRun:
     exit_code: int
 
 
+# Linux carries a process's peak-RSS mark across fork and exec, so a child started straight from
+# this (large) process would report at least this process's size. A small Python process in
+# between starts the command and reports the peak of its one child.
+_PEAK_RSS_OF_CHILD = """
+import resource, subprocess, sys
+with open(sys.argv[1], "wb") as out:
+    code = subprocess.call(sys.argv[2:], stdout=out, stderr=subprocess.STDOUT)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)
+"""
+
+
 def run_child(argv: list[str], cwd: Path, log_name: str) -> ChildRun:
-    """Run a command to its end; its own peak RSS comes from wait4, not from every child's."""
+    """Run a command to its end in `cwd` (its output in `log_name` there): wall time, peak RSS."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with open(cwd / log_name, "wb") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    # Linux reports ru_maxrss in KiB.
-    return ChildRun(time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode)
+    start = time.perf_counter()
+    reply = subprocess.run([sys.executable, "-c", _PEAK_RSS_OF_CHILD, str(cwd / log_name), *argv],
+                           cwd=cwd, env=env, capture_output=True, text=True, check=True)
+    seconds = time.perf_counter() - start
+    max_rss_kib, exit_code = (int(word) for word in reply.stdout.split())
+    return ChildRun(seconds, max_rss_kib / 1024, exit_code)  # Linux: ru_maxrss is in KiB
 
 
 def report_imports(workdir: Path) -> None:
@@ -233,7 +261,7 @@ def report_imports(workdir: Path) -> None:
 
 
 def report_default_run(workdir: Path) -> None:
-    """`python -m trainer` as a user first runs it: 200 steps, checkpoints, MLflow in ./mlflow.db."""
+    """`python -m trainer` as a user first runs it: 200 steps, checkpoints, ./mlflow.db."""
     where = workdir / "default-run"
     where.mkdir()
     print("default run: python -m trainer (no arguments) ...", flush=True)

@@ -71,7 +71,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:  # a graceful stop waits for idle keep-alive connections; no need to wait long
-            server.wait(timeout=5)
+            server.wait(timeout=2)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()

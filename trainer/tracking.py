@@ -306,12 +306,13 @@ class Sender:
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._failing = False
+        self._in_flight = 0
         self.sent = 0
         self.dropped = 0
 
     @property
     def pending(self) -> int:
-        return len(self._metrics) + len(self._jobs)
+        return len(self._metrics) + len(self._jobs) + self._in_flight
 
     def add_metrics(self, points: Iterable[tuple[str, float, int, int]]) -> None:
         self._metrics.extend(points)
@@ -342,8 +343,8 @@ class Sender:
             return self._idle.wait_for(lambda: self.pending == 0, timeout_s)
 
     def close(self, final: Callable[[], None], timeout_s: float) -> bool:
-        """Send everything, then run `final`. Waits while the server makes progress, at most
-        `timeout_s`; False (and the thread gives up) if that was not enough."""
+        """Send everything, then run `final`; False (and the thread gives up) if that took more
+        than `timeout_s`."""
         self._final = final
         self._closing.set()
         self._wake.set()
@@ -366,7 +367,7 @@ class Sender:
             try:
                 self._ship()
                 if self._closing.is_set() and self._final is not None:
-                    self._final()
+                    self._attempt("the end status", self._final)
                     return
             except Exception as exc:
                 delay = min(max(2 * delay, 1.0), RETRY_MAX_S)
@@ -378,7 +379,7 @@ class Sender:
     def _ship(self) -> None:
         while self._jobs and not self._abandon.is_set():
             what, job = self._jobs[0]
-            self._attempt(what, job, on_reject=lambda: None)
+            self._attempt(what, job)
             self._jobs.popleft()
         while self._metrics and not self._abandon.is_set():
             self._ship_metric_batch()
@@ -392,27 +393,31 @@ class Sender:
         batch = []
         while self._metrics and len(batch) < MAX_METRICS_PER_BATCH:
             batch.append(self._metrics.popleft())
+        self._in_flight = len(batch)
         metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in batch]
-
-        def rejected() -> None:
-            self.dropped += len(batch)
-
         try:
-            self._attempt("metrics", lambda: self._client.log_batch(self._run_id, metrics=metrics),
-                          on_reject=rejected)
+            if self._attempt("metrics",
+                             lambda: self._client.log_batch(self._run_id, metrics=metrics)):
+                self.sent += len(batch)
+            else:
+                self.dropped += len(batch)
         except Exception:
             self._metrics.extendleft(reversed(batch))
             raise
-        self.sent += len(batch)
+        finally:
+            self._in_flight = 0
 
-    def _attempt(self, what: str, call: Callable[[], Any], on_reject: Callable[[], None]) -> None:
+    def _attempt(self, what: str, call: Callable[[], Any]) -> bool:
+        """True when `call` got through, False when the server rejected it for good; raises
+        what may pass on a retry."""
         try:
             call()
         except Exception as exc:
             if not _is_permanent(exc):
                 raise
             log.warning("MLflow rejected %s for run %s, not retrying: %s", what, self._run_id, exc)
-            on_reject()
+            return False
+        return True
 
     def _report_failure(self, exc: Exception) -> None:
         if not self._failing:
@@ -456,11 +461,12 @@ def _probe_http(uri: str) -> None:
         raise TrackingUnavailable(f"{redact_uri(uri)}/health: {exc}") from exc
 
 
-# The sender retries on its own schedule. MLflow's default (7 retries, backoff factor 2) holds one
-# request for minutes after the server is back, longer than a job's grace period at shutdown.
-# Settings the user exported win.
+# The sender retries on its own schedule. MLflow's defaults (7 retries, backoff factor 2, 120 s
+# timeout) hold one request for minutes after the server is back, longer than a job's grace period
+# at shutdown. Settings the user exported win.
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:

@@ -20,6 +20,7 @@ fails validation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Placement, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from trainer.config import ConfigError, RunConfig
 from trainer.hardware import GIB
@@ -51,25 +53,40 @@ class Layout:
 
     @property
     def fsdp_sharded(self) -> bool:
-        return any(name in FSDP_DIMS and isinstance(p, Shard)
+        # FSDP2 shards dim 0; over a dim tensor parallel already split it is a _StridedShard
+        return any(name in FSDP_DIMS and isinstance(p, Shard | _StridedShard)
                    for name, p in zip(self.mesh_dims, self.placements, strict=True))
+
+    @property
+    def signature(self) -> tuple:
+        """Everything but the name: parameters alike in this share their per-rank sizes."""
+        return (self.global_shape, self.itemsize, self.mesh_dims, self.mesh_shape,
+                self.placements)
 
     def held(self, coords: dict[str, int]) -> int:
         """Elements the rank at `coords` holds (its unpadded local shard)."""
         if not self.mesh_dims:
             return math.prod(self.global_shape)
-        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-
-        shape, _ = _compute_local_shape_and_global_offset(
-            self.global_shape, self.mesh_shape, [coords[d] for d in self.mesh_dims],
-            self.placements, skip_offset=True)
-        return math.prod(shape)
+        return _local_numel(self.global_shape, self.mesh_shape,
+                            tuple(coords[d] for d in self.mesh_dims), self.placements)
 
     def allocated(self, coords: dict[str, int]) -> int:
         """Elements the rank allocates: FSDP2 pads each shard to the first shard's size."""
         if not self.fsdp_sharded:
             return self.held(coords)
         return self.held({**coords, **dict.fromkeys(FSDP_DIMS, 0)})
+
+
+@functools.lru_cache(maxsize=None)
+def _local_numel(global_shape: tuple[int, ...], mesh_shape: tuple[int, ...],
+                 coordinate: tuple[int, ...], placements: tuple[Placement, ...]) -> int:
+    """DTensor's own rule for the local shard's size (cached: a strided shard's size takes a
+    pass over the sharded dim, and alike parameters ask for the same coordinates)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    shape, _ = _compute_local_shape_and_global_offset(global_shape, mesh_shape, list(coordinate),
+                                                      placements, skip_offset=True)
+    return math.prod(shape)
 
 
 @dataclass(frozen=True)
@@ -104,16 +121,18 @@ class ValidationReport:
     def render(self) -> str:
         """A few lines: ranks grouped by identical bytes, each group beside the estimate."""
         p = self.plan
+        unit, scale = ("GiB", GIB) if self.estimate >= GIB else ("MiB", 2**20)
         lines = [f"validated {p.mesh_str} ({' x '.join(p.dim_names)}) on a fake process group of "
                  f"{p.world_size} ranks in {self.seconds:.1f} s: real mesh and parallelize() on "
                  f"the meta device, {str(self.dtype).removeprefix('torch.')} parameters "
                  f"(built at ranks {', '.join(map(str, self.built_ranks))})",
-                 f"{'ranks':<28} {'held GiB':>10} {'allocated GiB':>14} {'estimate GiB':>13} "
-                 f"{'deviation':>10}"]
+                 f"{'ranks':<28} {'held ' + unit:>10} {'allocated ' + unit:>14} "
+                 f"{'estimate ' + unit:>13} {'deviation':>10}"]
         for (held, allocated), ranks in _group_by_bytes(self.ranks).items():
             deviation = (allocated - self.estimate) / self.estimate
-            lines.append(f"{rank_ranges(ranks):<28} {held / GIB:>10.3f} {allocated / GIB:>14.3f} "
-                         f"{self.estimate / GIB:>13.3f} {deviation:>+10.1%}")
+            lines.append(f"{rank_ranges(ranks):<28} {held / scale:>10.3f} "
+                         f"{allocated / scale:>14.3f} {self.estimate / scale:>13.3f} "
+                         f"{deviation:>+10.1%}")
         worst = self.worst
         verdict = "ok" if self.ok else "FAILED"
         lines.append(f"largest deviation {self.deviation(worst):+.1%} at rank {worst.rank} "
@@ -156,8 +175,8 @@ def validate(run: RunConfig, plan: MeshPlan, *, tolerance: float = TOLERANCE) ->
     if not report.ok:
         worst = report.worst
         raise PlanValidationError(
-            plan, f"rank {worst.rank} allocates {worst.allocated / GIB:.2f} GiB of parameters, "
-                  f"the planner estimated {report.estimate / GIB:.2f} GiB "
+            plan, f"rank {worst.rank} allocates {format_bytes(worst.allocated)} of parameters, "
+                  f"the planner estimated {format_bytes(report.estimate)} "
                   f"({report.deviation(worst):+.1%}, limit {tolerance:.0%})", report)
     return report
 
@@ -241,9 +260,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def rank_bytes(layouts: Sequence[Layout], plan: MeshPlan, rank: int) -> RankBytes:
+    """One rank's parameter bytes. Alike parameters (every block's wq, ...) are sized once."""
     coords = plan.coordinates(rank)
-    held = sum(layout.held(coords) * layout.itemsize for layout in layouts)
-    allocated = sum(layout.allocated(coords) * layout.itemsize for layout in layouts)
+    alike: dict[tuple, list[Layout]] = {}
+    for layout in layouts:
+        alike.setdefault(layout.signature, []).append(layout)
+    held = allocated = 0
+    for group in alike.values():
+        one = group[0]
+        held += len(group) * one.held(coords) * one.itemsize
+        allocated += len(group) * one.allocated(coords) * one.itemsize
     return RankBytes(rank, held, allocated)
 
 
@@ -281,3 +307,7 @@ def rank_ranges(ranks: Sequence[int]) -> str:
             start = cur
     text = ", ".join(runs)
     return text if len(runs) <= 3 else f"{', '.join(runs[:2])}, ... ({len(ranks)} ranks)"
+
+
+def format_bytes(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.2f} MiB"

@@ -19,6 +19,7 @@ The mesh has the dims of `trainer.plan.MESH_DIMS`: ("dp_replicate", "dp_shard", 
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -45,11 +46,12 @@ COMPILE_BACKENDS = {"cuda": "inductor", "cpu": "inductor", "neuron": "neuron"}
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelismConfig, *,
-                precision: str = "32-true") -> Transformer:
+                precision: str = "32-true", compile_backend: str | None = None) -> Transformer:
     """Apply tensor parallel, activation checkpointing, compile and FSDP2 to `model` in place,
     as `cfg` and the mesh's sizes ask; returns `model`.
 
     `precision` is Lightning's (trainer.precision): it only has to agree with the FSDP dtypes.
+    `compile_backend` overrides the device type's torch.compile backend (`COMPILE_BACKENDS`).
     """
     tp, cp = dim_size(mesh, "tp"), dim_size(mesh, "cp")
     if cp > 1:
@@ -61,7 +63,9 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelismConfig, *,
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
-        apply_compile(model, COMPILE_BACKENDS.get(mesh.device_type, "inductor"))
+        if tp > 1:
+            copy_embedding_output(model)
+        apply_compile(model, compile_backend or COMPILE_BACKENDS.get(mesh.device_type, "inductor"))
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
         apply_fsdp(model, dp_mesh, mixed_precision_policy(cfg, precision))
@@ -195,6 +199,18 @@ def apply_activation_checkpointing(model: Transformer) -> None:
         model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
+def copy_embedding_output(model: Transformer) -> None:
+    """Hand the first compiled block a tensor of its own, not the view of a DTensor's local
+    shard that tensor parallel's embedding returns.
+
+    Seen with torch 2.13 (inductor and aot_eager alike): when a compiled block's input is such a
+    view, its backward hands DTensor's redistribution a plain tensor ("'Tensor' object has no
+    attribute '_local_tensor'") and, under FSDP2, silently wrong gradients. One copy of the
+    embedding output, [batch, seq, dim], avoids both.
+    """
+    model.tok_embeddings.register_forward_hook(lambda module, args, output: output.clone())
+
+
 def apply_compile(model: Transformer, backend: str) -> None:
     """Compile each block on its own: the blocks share one graph (compiled once), and FSDP2's
     hooks stay between blocks, outside the graphs. In place, so parameter names do not change."""
@@ -229,6 +245,11 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, policy: MixedPrecisionPo
     Tied embeddings are one parameter in two places; it then stays with the root rather than
     being claimed by two units.
     """
+    # FSDP2 warns that a unit returning a view loses its pre-backward hook to in-place ops on
+    # that view. The units here return tensor parallel's to_local() views, and nothing in the
+    # model or the loss modifies them in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
     def shard(module: nn.Module | list[nn.Module], **kwargs) -> None:
         fully_shard(module, mesh=dp_mesh, mp_policy=policy, **kwargs)
 

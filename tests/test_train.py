@@ -1,0 +1,132 @@
+"""`python -m trainer` end to end, as a user runs it: real processes, real MLflow store on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+# Small enough to train in seconds on 2 cores, big enough for the loss to move.
+FAST = ["data.seq_len=64", "data.micro_batch_size=4", "trainer.log_every_n_steps=1",
+        "optim.warmup_steps=2", "optim.lr=3e-3"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def train(cwd: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "trainer", *FAST, *overrides], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def losses(cwd: Path, run_name: str) -> list[float]:
+    """The `train/loss` of each step of the one run called `run_name` in cwd's MLflow store (the
+    newest value where a step was logged twice)."""
+    client = MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`mlflow.runName` = '{run_name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"),
+                     key=lambda m: (m.step, m.timestamp))
+    return list({m.step: m.value for m in history}.values())
+
+
+def test_default_run_trains_and_says_where_its_outputs_are(tmp_path: Path):
+    proc = train(tmp_path, "trainer.max_steps=12", "tracking.run_name=default")
+    log = proc.stderr
+    checkpoints = list(tmp_path.glob("outputs/*/*/checkpoints/step-00000012.ckpt"))
+    assert len(checkpoints) == 1
+    assert str(checkpoints[0]) in log
+    assert "mlflow ui" in log and "mlflow.db" in log
+    history = losses(tmp_path, "default")
+    assert len(history) == 12
+    assert history[-1] < history[0]
+
+
+def test_two_processes_train_and_the_loss_falls(tmp_path: Path):
+    train(tmp_path, "trainer.devices=2", "trainer.max_steps=30", "tracking.run_name=ddp")
+    history = losses(tmp_path, "ddp")
+    assert len(history) == 30
+    # Byte-level text starts near ln(256) = 5.5 nats; 30 steps bring it well down.
+    assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train(tmp_path, "trainer.max_steps=6", f"seed={seed}", f"tracking.run_name={name}")
+    a, b, c = (losses(tmp_path, n) for n in "abc")
+    assert a == b
+    assert a != c
+
+
+def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path: Path):
+    common = [*FAST, "trainer.max_steps=10", "checkpoint.every_n_steps=5"]
+    train(tmp_path, *common[len(FAST):], "tracking.run_name=straight", "hydra.run.dir=straight")
+
+    # The same job, killed without warning once its step-5 checkpoint is committed ...
+    job = [sys.executable, "-m", "trainer", *common, "tracking.run_name=resumed",
+           "hydra.run.dir=resumed"]
+    with subprocess.Popen(job, cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=ENV) as proc:
+        for line in proc.stderr:
+            if "checkpoint step 5:" in line:
+                proc.kill()
+                break
+    assert proc.returncode == -9
+    # ... then started again, asked to resume from its newest checkpoint.
+    train(tmp_path, *common[len(FAST):], "tracking.run_name=resumed", "hydra.run.dir=resumed",
+          "checkpoint.resume=last")
+
+    straight = losses(tmp_path, "straight")
+    assert len(straight) == 10
+    # One MLflow run across the kill; steps logged twice (after the checkpoint, before the kill)
+    # were recomputed after the resume and must agree.
+    assert losses(tmp_path, "resumed") == straight
+
+
+def test_a_users_own_lightning_module_trains_through_target(tmp_path: Path):
+    (tmp_path / "my_module.py").write_text(USER_MODULE)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "model._target_=my_module.Bigram",
+         "+model.kwargs.vocab=256", "trainer.max_steps=8", "tracking=none", *FAST[:2]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**ENV, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bigram trained" in proc.stdout
+
+
+USER_MODULE = '''
+import torch
+import pytorch_lightning as pl
+
+
+class Bigram(pl.LightningModule):
+    """Knows nothing of ultramesh: it gets its batches and its trainer from the config."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        logits = self.table(inputs)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def on_train_end(self):
+        print("bigram trained", self.trainer.global_step)
+'''
+
+
+@pytest.mark.parametrize("cwd_name", ["elsewhere"])
+def test_runs_from_any_directory(tmp_path: Path, cwd_name: str):
+    cwd = tmp_path / cwd_name
+    cwd.mkdir()
+    train(cwd, "trainer.max_steps=2", "tracking=none")
+    assert list(cwd.glob("outputs/*/*/checkpoints/latest"))
