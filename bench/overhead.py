@@ -8,14 +8,19 @@ one at the end stays, as in every run).
 
 Step time is measured from inside: the clock is read at the end of every batch, and the steps
 compared are the 2nd to the (N-1)th, so start-up (Trainer construction, the MLflow run) and the
-end (the final checkpoint, closing the run) are reported apart from it. The two sides run
-alternately, `--repeats` rounds after one warm-up round, in alternating order; the machine is
-shared, so the figures to read are ratios measured in this one run.
+end (the final checkpoint, closing the run) are reported apart from it. Beside wall-clock time,
+the CPU time of the whole process per step is reported: other jobs on a shared machine stretch
+the first but hardly the second (with `--threads 1`, where no thread spins waiting for another).
+The two sides run alternately, `--repeats` rounds after one warm-up round, in alternating order;
+the figures to read are the ratios, measured in this one run.
 
     python bench/overhead.py [--steps 60] [--repeats 5] [--threads N] [--default-run]
+                             [key=value ...]
 
-`--default-run` also runs `python -m trainer` with no arguments in a temporary directory (a few
-minutes) and prints its peak resident memory.
+Config overrides apply to both sides: `model.dim=32 model.n_layers=1 data.seq_len=16` makes the
+step almost free, so what is left of the difference is the fixed cost per step. `--default-run`
+also runs `python -m trainer` with no arguments in a temporary directory (a few minutes) and
+prints its peak resident memory.
 """
 
 from __future__ import annotations
@@ -97,10 +102,11 @@ class BatchClock(pl.Callback):
         self.ends.append(mark())
 
 
-def bench_config(steps: int, store: Path) -> tuple[RunConfig, dict]:
-    """The default run shortened to `steps`, tracking to `store`, no periodic checkpoints."""
+def bench_config(steps: int, store: Path, extra: list[str]) -> tuple[RunConfig, dict]:
+    """The default run shortened to `steps`, tracking to `store`, no periodic checkpoints, and
+    the user's `extra` overrides."""
     overrides = [f"trainer.max_steps={steps}", f"tracking.uri=sqlite:///{store}",
-                 "checkpoint.every_n_steps=0"]
+                 "checkpoint.every_n_steps=0", *extra]
     cfg = compose(overrides)
     if cfg.optim.warmup_steps >= steps:  # validation wants the warmup to end before the run does
         cfg = compose([*overrides, f"optim.warmup_steps={steps // 3}"])
@@ -171,8 +177,8 @@ class Rounds:
     hand: list[Timing]
 
 
-def run_rounds(steps: int, repeats: int, workdir: Path) -> Rounds:
-    run, resolved = bench_config(steps, workdir / "mlflow.db")
+def run_rounds(steps: int, repeats: int, workdir: Path, extra: list[str]) -> Rounds:
+    run, resolved = bench_config(steps, workdir / "mlflow.db", extra)
     rounds = Rounds([], [])
     for r in range(repeats + 1):  # round 0 warms both up: lazy imports, allocator, MLflow schema
         sides = [lambda r=r: run_ultramesh(run, resolved, workdir / f"run-{r}"),
@@ -278,6 +284,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for both sides (default: torch's own choice)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides for both sides, e.g. model.dim=512 (the hand loop "
+                             "builds the reference model)")
     parser.add_argument("--default-run", action="store_true",
                         help="also run `python -m trainer` and print its peak RSS (minutes)")
     args = parser.parse_args()
@@ -294,10 +303,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ultramesh-bench-") as tmp:
         workdir = Path(tmp)
         logging.basicConfig(filename=workdir / "train.log", level=logging.INFO)
+        # On a terminal the ultramesh side draws a Rich progress bar; elsewhere it logs lines.
+        progress = "progress bar" if sys.stderr.isatty() else "progress log lines"
         print(f"overhead: {args.steps} steps x {args.repeats} rounds, ultramesh fit() vs a "
-              f"hand-written loop, {torch.get_num_threads()} threads, load average "
+              f"hand-written loop, {torch.get_num_threads()} threads, {progress}, load average "
               f"{os.getloadavg()[0]:.1f}", flush=True)
-        rounds = run_rounds(args.steps, args.repeats, workdir)
+        rounds = run_rounds(args.steps, args.repeats, workdir, args.overrides)
         report(rounds, args.steps)
         print(f"peak RSS of this process: "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -55,9 +55,9 @@ def mlflow_server(root: Path) -> Iterator[str]:
             try:
                 urllib.request.urlopen(f"{url}/health", timeout=2).close()
                 break
-            except OSError:
+            except OSError as exc:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start; see {root / 'server.log'}")
+                    raise RuntimeError(f"no mlflow server; see {root / 'server.log'}") from exc
                 time.sleep(0.5)
         yield url
     finally:
@@ -111,7 +111,8 @@ def report(timings: dict[str, list[Timing]], steps: int) -> None:
     print(f"{'last step + end s (median)':34} {statistics.median(t.end_s for t in on):>9.2f} "
           f"{statistics.median(t.end_s for t in off):>9.2f}")
     print(f"per-round ratio of mean steps: min {min(per_round):.3f}, median "
-          f"{statistics.median(per_round):.3f}, max {max(per_round):.3f}  (target < {TARGET_RATIO})")
+          f"{statistics.median(per_round):.3f}, max {max(per_round):.3f}  "
+          f"(target < {TARGET_RATIO})")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Every shipped config composes and validates; bad ones are refused with exit 2 and the key named."""
+"""Every shipped config composes and validates; bad ones exit 2 with the key named."""
 
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "key"), BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+@pytest.mark.parametrize(("overrides", "key"), BAD_CONFIGS,
+                         ids=[" ".join(o) for o, _ in BAD_CONFIGS])
 def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, overrides, key):
     proc = subprocess.run([sys.executable, "-m", "trainer", *overrides], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)

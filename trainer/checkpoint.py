@@ -90,7 +90,8 @@ class PeriodicCheckpoint(pl.Callback):
         start = time.perf_counter()
         if trainer.is_global_zero:
             fs.makedirs(root, exist_ok=True)
-        trainer.save_checkpoint(url, weights_only=False)  # every rank: sharded strategies write their own shards
+        # Every rank: sharded strategies write their own shards.
+        trainer.save_checkpoint(url, weights_only=False)
         seconds = time.perf_counter() - start
         if trainer.is_global_zero:
             fs.pipe_file(posixpath.join(root, LATEST), name.encode())  # the commit

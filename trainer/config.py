@@ -1,9 +1,9 @@
 """The typed schema of every config key, and the checks that need several keys at once.
 
-This is the one module that knows config key names. Hydra composes `configs/train.yaml` on top of
-`RunConfig` (registered in the ConfigStore as `train_schema`), so a misspelt key or a wrong type fails
-at compose time; `validate()` then turns the composed DictConfig into a `RunConfig` and runs the
-semantic checks, raising `ConfigError` with the key, the value and what is allowed.
+This is the one module that knows config key names. Hydra composes `configs/train.yaml` on top
+of `RunConfig` (registered in the ConfigStore as `train_schema`), so a misspelt key or a wrong type
+fails at compose time; `validate()` then turns the composed DictConfig into a `RunConfig` and runs
+the semantic checks, raising `ConfigError` with the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class HardwareConfig:
     peak_tflops_bf16: float = MISSING  # dense
     peak_tflops_fp8: Optional[float] = None  # dense; null where not published
     intra_node_bw_gbs: float = MISSING  # GB/s per chip, one direction, to chips of its node
-    intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to other nodes of its domain
+    intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to its domain's nodes
     efa_bw_gbps: float = 0.0  # Gbit/s per node over EFA, the inter-domain link
     efa_interfaces: int = 0
     launch_env: dict[str, str] = field(default_factory=dict)

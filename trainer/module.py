@@ -1,10 +1,10 @@
-"""`LanguageModel`: the LightningModule that trains the reference decoder on next-token prediction."""
+"""`LanguageModel`: the LightningModule that trains the reference decoder on next tokens."""
 
 from __future__ import annotations
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import pytorch_lightning as pl
 
 from trainer.config import RunConfig
 from trainer.models.llama import ModelArgs, Transformer, flops_per_token
@@ -57,7 +57,8 @@ class LanguageModel(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.run.optim)
         scheduler = build_scheduler(optimizer, self.run.optim, self.run.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
                                     gradient_clip_algorithm=None) -> None:

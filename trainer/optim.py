@@ -51,9 +51,9 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
     """Clip gradients to a global L2 norm of `max_norm` (0: measure only) and return that norm.
 
     Under tensor parallel, parameters live on different meshes (split weights on the TP mesh,
-    norms and embeddings on the data-parallel one), and one `torch.stack` across meshes fails. So the
-    norm is taken per mesh, made a plain tensor, combined, and applied per mesh. The result stays
-    on the device: nothing here waits for the host.
+    norms and embeddings on the data-parallel one), and one `torch.stack` across meshes fails. So
+    the norm is taken per mesh, made a plain tensor, combined, and applied per mesh. The result
+    stays on the device: nothing here waits for the host.
     """
     groups: dict[object, list[nn.Parameter]] = defaultdict(list)
     for param in parameters:

@@ -1,6 +1,11 @@
-"""Lay the reference decoder out over a device mesh: tensor parallel, activation checkpointing,
-torch.compile, then FSDP2, in that order (the order torchtitan uses, and the only one that composes:
-FSDP2 shards the DTensors tensor parallel made, and wraps what checkpointing and compile produced).
+"""Lay the reference decoder out over a device mesh: tensor parallel, torch.compile, activation
+checkpointing, then FSDP2, each block at a time.
+
+FSDP2 comes last because it shards the DTensors tensor parallel made and wraps whatever the blocks
+have become. Checkpointing wraps the compiled block rather than being compiled into it (torchtitan's
+order): with torch 2.13, AOTAutograd refuses a checkpointed tensor-parallel block ("expected all
+tensors_saved_with_vc_check to be Tensors"), while a checkpoint around the compiled block trains
+like the eager model. Either way a block keeps only its input for backward.
 
 The mesh has the dims of `trainer.plan.MESH_DIMS`: ("dp_replicate", "dp_shard", "cp", "tp").
 
@@ -47,7 +52,7 @@ COMPILE_BACKENDS = {"cuda": "inductor", "cpu": "inductor", "neuron": "neuron"}
 
 def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelismConfig, *,
                 precision: str = "32-true", compile_backend: str | None = None) -> Transformer:
-    """Apply tensor parallel, activation checkpointing, compile and FSDP2 to `model` in place,
+    """Apply tensor parallel, compile, activation checkpointing and FSDP2 to `model` in place,
     as `cfg` and the mesh's sizes ask; returns `model`.
 
     `precision` is Lightning's (trainer.precision): it only has to agree with the FSDP dtypes.
@@ -60,12 +65,12 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelismConfig, *,
         check_tp_degree(model, tp)
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel)
         check_replicated(model, mesh["tp"])
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
     if cfg.compile:
         if tp > 1:
             copy_embedding_output(model)
         apply_compile(model, compile_backend or COMPILE_BACKENDS.get(mesh.device_type, "inductor"))
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
         apply_fsdp(model, dp_mesh, mixed_precision_policy(cfg, precision))
@@ -186,7 +191,7 @@ def _comm_device(mesh: DeviceMesh) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------
-# Activation checkpointing and compile
+# Compile and activation checkpointing
 
 
 def apply_activation_checkpointing(model: Transformer) -> None:
