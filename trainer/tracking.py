@@ -675,7 +675,9 @@ class Tracking:
         if found:
             parent_id = found[0].info.run_id
         else:
-            mine = client.create_run(self.experiment_id, run_name=f"sweep {sweep.sweep_dir}",
+            # Hydra's sweep dirs end in <date>/<time>: enough to tell sweeps apart in the UI
+            name = "sweep " + "/".join(Path(sweep.sweep_dir).parts[-2:])
+            mine = client.create_run(self.experiment_id, run_name=name,
                                      tags={"sweep.dir": sweep.sweep_dir, "sweep.parent": "true"})
             # jobs that start together may each make one: the oldest stays, the others go
             parent_id = oldest()[0].info.run_id
