@@ -103,34 +103,50 @@ def train(tmp_path: Path, name: str, overrides: list[str], *, torchrun: int = 0)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=240)
     log = proc.stdout + proc.stderr
-    (run_dir / "test-output.txt").parent.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "test-output.txt").write_text(log)
     assert proc.returncode == 0, log[-5000:]
     return run_dir
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    found = {int(step): float(loss) for step, loss in
-             LOSS_LINE.findall((run_dir / "test-output.txt").read_text())}
-    assert sorted(found) == list(range(1, STEPS + 1)), found
-    return found
+    return {int(step): float(loss) for step, loss in
+            LOSS_LINE.findall((run_dir / "test-output.txt").read_text())}
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    path = run_dir / "checkpoints" / f"step-{STEPS:08d}.ckpt"
+def final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
+    path = checkpoints / f"step-{STEPS:08d}.ckpt"
     if path.is_dir():  # a sharded checkpoint: gather it into one file
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-        dcp_to_torch_save(path, run_dir / "gathered.pt")
-        path = run_dir / "gathered.pt"
+        dcp_to_torch_save(path, checkpoints / "gathered.pt")
+        path = checkpoints / "gathered.pt"
     return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
 
 
+def assert_matches(run_dir: Path, checkpoints: Path, reference: Path, steps: range) -> None:
+    got, want = losses(run_dir), losses(reference)
+    assert sorted(got) == list(steps), got
+    for step in steps:  # the log prints 4 decimals
+        assert got[step] == pytest.approx(want[step], abs=2e-4), (step, got, want)
+    ours, theirs = final_weights(checkpoints), final_weights(reference / "checkpoints")
+    assert ours.keys() == theirs.keys()
+    for key, expected in theirs.items():
+        # float32 reductions in another order: ~1e-5 relative after a few AdamW steps
+        assert (ours[key] - expected).norm() <= 1e-3 * expected.norm(), key
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mesh")
+
+
+@pytest.fixture(scope="module")
+def reference(workdir) -> Path:
     """One process reading the whole global batch each step."""
-    return train(tmp_path_factory.mktemp("mesh"), "reference",
-                 [f"data.micro_batch_size={GLOBAL_BATCH}"])
+    run_dir = train(workdir, "reference", [f"data.micro_batch_size={GLOBAL_BATCH}"])
+    assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    return run_dir
 
 
 MESHES = {
@@ -140,28 +156,47 @@ MESHES = {
     "fsdp2_x_tp": (["trainer.devices=4", "parallelism.tp=2", "parallelism.dp_shard=2"], 2, 0),
     "hsdp": (["trainer.devices=4", "parallelism=hsdp", "parallelism.dp_shard=2"], 4, 4),
 }
+_runs: dict[str, Path] = {}
+
+
+def mesh_run(workdir: Path, name: str) -> Path:
+    """Train mesh `name` once per module. fsdp2_x_tp keeps its checkpoints behind a file:// URL
+    (the fsspec path s3:// takes), every 3 steps, for the resume test."""
+    if name not in _runs:
+        overrides, dp, nproc = MESHES[name]
+        overrides = [*overrides, f"data.micro_batch_size={GLOBAL_BATCH // dp}"]
+        if name == "fsdp2_x_tp":
+            overrides += [f"checkpoint.dir=file://{workdir / 'url-checkpoints'}",
+                          "checkpoint.every_n_steps=3"]
+        _runs[name] = train(workdir, name, overrides, torchrun=nproc)
+    return _runs[name]
+
+
+def checkpoints_of(workdir: Path, name: str) -> Path:
+    return workdir / ("url-checkpoints" if name == "fsdp2_x_tp" else f"{name}/checkpoints")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES))
-def test_mesh_training_matches_one_process(name, reference, tmp_path):
-    overrides, dp, nproc = MESHES[name]
-    run_dir = train(tmp_path, name, [*overrides, f"data.micro_batch_size={GLOBAL_BATCH // dp}"],
-                    torchrun=nproc)
+def test_mesh_training_matches_one_process(name, reference, workdir):
+    run_dir = mesh_run(workdir, name)
     log = (run_dir / "test-output.txt").read_text()
     shape = dict(re.findall(r"(dp_replicate|dp_shard|cp|tp)=(\d+)", log.split("final loss")[-1]))
-    assert int(shape["dp_replicate"]) * int(shape["dp_shard"]) == dp
+    assert int(shape["dp_replicate"]) * int(shape["dp_shard"]) == MESHES[name][1]
+    assert_matches(run_dir, checkpoints_of(workdir, name), reference, range(1, STEPS + 1))
+    assert losses(run_dir)[STEPS] < losses(run_dir)[1] - 0.5  # it trains
 
-    got, want = losses(run_dir), losses(reference)
-    for step in want:  # the log prints 4 decimals
-        assert got[step] == pytest.approx(want[step], abs=2e-4), (step, got, want)
-    assert got[STEPS] < got[1] - 0.5  # it trains
 
-    ours, theirs = final_weights(run_dir), final_weights(reference)
-    assert ours.keys() == theirs.keys()
-    for key, expected in theirs.items():
-        # float32 reductions in another order: ~1e-5 relative after a few AdamW steps
-        assert (ours[key] - expected).norm() <= 1e-3 * expected.norm(), key
+@pytest.mark.slow
+def test_a_url_checkpoint_resumes_on_another_mesh(reference, workdir):
+    """4 ranks (FSDP2 x TP) wrote step 3 through fsspec; 2 ranks of tensor parallel alone read it
+    back and finish the run as the reference did."""
+    mesh_run(workdir, "fsdp2_x_tp")
+    saved = f"file://{workdir / 'url-checkpoints' / 'step-00000003.ckpt'}"
+    run_dir = train(workdir, "resumed", ["trainer.devices=2", "parallelism=tp",
+                                         f"data.micro_batch_size={GLOBAL_BATCH}",
+                                         f"checkpoint.resume={saved}"])
+    assert_matches(run_dir, run_dir / "checkpoints", reference, range(4, STEPS + 1))
 
 
 def test_a_plan_that_cannot_run_fails_before_any_process_starts(tmp_path):

@@ -182,6 +182,8 @@ def test_tags_say_where_and_what_ran(finished_run: dict):
     assert tags["world_size"] == "1" and tags["model"] == "tiny"
     assert tags["mesh"].startswith("2x4x8") and "dp_replicate x dp_shard x tp" in tags["mesh"]
     assert tags["slurm.job_id"] == "4242" and tags["k8s.job_name"] == "pretrain-7b-x2"
+    assert tags["mlflow.source.type"] == "JOB"  # SLURM_JOB_ID was set
+    assert tags["mlflow.source.name"].startswith(Path(sys.orig_argv[0]).name)
     assert tags["mlflow.source.git.commit"] == git("rev-parse", "HEAD")
     assert tags["git.dirty"] == str(bool(git("status", "--porcelain"))).lower()
     last = finished_run["workdir"] / "ckpt" / "last.ckpt"
@@ -248,6 +250,23 @@ def test_an_exception_ends_the_run_with_its_status(mlflow_server: str, tmp_path:
     client = MlflowClient(mlflow_server)
     assert client.get_run(track.run_id).info.status == status
     assert steps(client, track.run_id) == [1, 2]
+
+
+@pytest.mark.slow
+def test_log_every_n_steps_thins_what_is_sent(mlflow_server: str, tmp_path: Path):
+    run, resolved, overrides = configure(mlflow_server, "thinned", "tracking.log_every_n_steps=3")
+    track = tracking.setup(run, run_dir=tmp_path, resolved_config=resolved, overrides=overrides,
+                           mesh_shape=MESH, rank=0)
+    track.open()
+    for step in range(1, 11):
+        track.log_metrics({"train/loss": float(step)}, step=step)
+        track.log_metrics({"perf/step_seconds": 0.1}, step=step)  # a second call, same step
+    track.log_checkpoint(5, "file:///ckpt/step-5", 1.0, 10)  # events are never thinned
+    track.close("FINISHED")
+    client = MlflowClient(mlflow_server)
+    assert steps(client, track.run_id) == [1, 4, 7, 10]
+    assert steps(client, track.run_id, "perf/step_seconds") == [1, 4, 7, 10]
+    assert steps(client, track.run_id, "checkpoint/step") == [5]
 
 
 @pytest.mark.slow
@@ -487,7 +506,7 @@ def test_run_page_shows_the_loss_chart(finished_run: dict, mlflow_server: str, c
                                        tmp_path: Path):
     run = finished_run["run"]
     page = (f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-            "/model-metrics")
+            "/model-metrics?workflowType=machine_learning")  # the UI's view for training runs
     screenshot = tmp_path / "run-page.png"
     # flags from NOTES.md: with a smaller time budget the chart is still a spinner
     rendered = subprocess.run(

@@ -223,6 +223,17 @@ def job_tags(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return tags
 
 
+def source_tags(argv: list[str] | None = None, env: Mapping[str, str] = os.environ
+                ) -> dict[str, str]:
+    """The program that ran (`python -m trainer`), without its arguments (they are in the
+    overrides artifact), and whether a scheduler started it: the UI's "Source"."""
+    argv = list(argv if argv is not None else getattr(sys, "orig_argv", sys.argv))
+    program = argv[: argv.index("-m") + 2] if "-m" in argv else argv[:2]
+    name = " ".join([Path(program[0]).name, *program[1:]]) if program else "python"
+    scheduled = any(env.get(v) for v in ("SLURM_JOB_ID", K8S_JOB_NAME_ENV))
+    return {"mlflow.source.name": name, "mlflow.source.type": "JOB" if scheduled else "LOCAL"}
+
+
 def mesh_text(mesh_shape: Mapping[str, int]) -> str:
     """`2x4x8 (dp_replicate x dp_shard x tp)`: the shape, then what each factor is."""
     return f"{'x'.join(map(str, mesh_shape.values()))} ({' x '.join(mesh_shape)})"
@@ -240,7 +251,7 @@ def run_tags(run: RunConfig, mesh_shape: Mapping[str, int],
     }
     if not run.uses_reference_model:
         tags["model.target"] = run.model._target_
-    return {**tags, **git_tags(), **job_tags(env)}
+    return {**tags, **source_tags(env=env), **git_tags(), **job_tags(env)}
 
 
 def default_run_name(run: RunConfig, sweep: SweepInfo | None) -> str:

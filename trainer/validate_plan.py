@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -77,7 +78,7 @@ class Layout:
         return self.held({**coords, **dict.fromkeys(FSDP_DIMS, 0)})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _local_numel(global_shape: tuple[int, ...], mesh_shape: tuple[int, ...],
                  coordinate: tuple[int, ...], placements: tuple[Placement, ...]) -> int:
     """DTensor's own rule for the local shard's size (cached: a strided shard's size takes a
@@ -105,7 +106,6 @@ class ValidationReport:
     seconds: float
     built_ranks: tuple[int, ...]
     tolerance: float = TOLERANCE
-    layouts: list[Layout] = field(default_factory=list, repr=False)
 
     def deviation(self, rank: RankBytes) -> float:
         return (rank.allocated - self.estimate) / self.estimate
@@ -161,8 +161,6 @@ def validate(run: RunConfig, plan: MeshPlan, *, tolerance: float = TOLERANCE) ->
     built_ranks = (0, last) if last else (0,)
     try:
         builds = {rank: build_layout(run, plan, rank, dtype) for rank in built_ranks}
-    except PlanValidationError:
-        raise
     except Exception as exc:  # any failure of the real code is the finding
         raise PlanValidationError(plan, f"building the mesh failed: {type(exc).__name__}: "
                                         f"{_first_line(exc)}") from exc
@@ -171,7 +169,7 @@ def validate(run: RunConfig, plan: MeshPlan, *, tolerance: float = TOLERANCE) ->
         check_against_build(plan, rank, build)
     ranks = [rank_bytes(layouts, plan, rank) for rank in range(plan.world_size)]
     report = ValidationReport(plan, dtype, plan.memory_breakdown["params"], ranks,
-                              time.perf_counter() - start, built_ranks, tolerance, layouts)
+                              time.perf_counter() - start, built_ranks, tolerance)
     if not report.ok:
         worst = report.worst
         raise PlanValidationError(
@@ -296,7 +294,7 @@ def rank_ranges(ranks: Sequence[int]) -> str:
     above 1 -> "1-13 step 4"."""
     ranks = sorted(ranks)
     if len(ranks) > 2:
-        steps = {b - a for a, b in zip(ranks, ranks[1:], strict=False)}
+        steps = {b - a for a, b in itertools.pairwise(ranks)}
         if len(steps) == 1 and (step := steps.pop()) > 1:
             return f"{ranks[0]}-{ranks[-1]} step {step}"
     runs: list[str] = []

@@ -1,0 +1,140 @@
+"""`plan.validate=true`: the real mesh and parallelize() at full world size in one process.
+
+Expected figures are derived here from the model's shape and the sharding rules, not read back
+from the code: FSDP2 splits dim 0 of each (tensor-parallel-local) weight into `dp_shard` chunks
+of ceil(rows / dp_shard) rows and pads every rank's shard to that size; tensor parallel splits
+columns-parallel weights by rows and row-parallel ones by columns, and keeps norms whole.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.config import load
+from trainer.models.llama import ModelArgs
+from trainer.plan import plan
+from trainer.validate_plan import PlanValidationError, rank_ranges, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32 = 4
+
+FULL_SCALE = {
+    # Llama 3 70B on a 144-chip Trn3 UltraServer: 36 nodes x 16 ranks
+    "70b_trn3_ultraserver": (["experiment=llama3_70b_trn3_ultraserver", "parallelism=fsdp_tp",
+                              "parallelism.tp=4", "parallelism.sequence_parallel=true",
+                              "parallelism.activation_checkpointing=true"], (1, 144, 1, 4)),
+    # Llama 3 8B on a 64-chip Trn2 UltraServer: 4 nodes x 64 ranks, HSDP over 4 replicas
+    "8b_trn2_ultraserver": (["experiment=llama3_8b_trn2_ultraserver", "parallelism=hsdp",
+                             "parallelism.dp_shard=64",
+                             "parallelism.activation_checkpointing=true"], (4, 64, 1, 1)),
+    # Llama 3.1 405B on four GB200 NVL72 racks: 72 nodes x 4 GPUs
+    "405b_gb200_4_racks": (["experiment=llama3_405b_gb200_nvl72", "cluster.nodes=72",
+                            "parallelism=fsdp_tp", "parallelism.tp=4",
+                            "parallelism.activation_checkpointing=true"], (1, 72, 1, 4)),
+}
+
+
+def padded_rank_elements(a: ModelArgs, shard: int, tp: int) -> int:
+    """Elements every rank allocates: each weight's FSDP chunk, ceil(local rows / shard)."""
+    kv = a.n_kv_heads * a.head_dim
+
+    def chunk(rows: int, cols: int) -> int:
+        return math.ceil(rows / shard) * cols
+
+    column_parallel = [(a.dim, a.dim), (kv, a.dim), (kv, a.dim), (a.ffn_dim, a.dim),
+                       (a.ffn_dim, a.dim)]  # wq wk wv w1 w3: tp splits rows
+    row_parallel = [(a.dim, a.dim), (a.dim, a.ffn_dim)]  # wo w2: tp splits columns
+    block = (sum(chunk(rows // tp, cols) for rows, cols in column_parallel)
+             + sum(chunk(rows, cols // tp) for rows, cols in row_parallel)
+             + 2 * chunk(a.dim, 1))
+    vocab = 2 * chunk(a.vocab_size // tp, a.dim)  # embedding and head, untied
+    return a.n_layers * block + vocab + chunk(a.dim, 1)
+
+
+def total_elements(a: ModelArgs) -> int:
+    kv = a.n_kv_heads * a.head_dim
+    block = 2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.ffn_dim + 2 * a.dim
+    return a.n_layers * block + 2 * a.vocab_size * a.dim + a.dim
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(FULL_SCALE))
+def test_full_scale_plans_validate_against_the_hand_count(case):
+    overrides, shape = FULL_SCALE[case]
+    run = load(overrides)
+    chosen = plan(run)
+    assert chosen.shape == shape
+    rep, shard, _, tp = shape
+
+    start = time.perf_counter()
+    report = validate(run, chosen)
+    assert time.perf_counter() - start < 60
+
+    assert report.ok and len(report.ranks) == run.world_size
+    args = ModelArgs.from_config(run.model)
+    # what every rank allocates: FSDP pads the short last shards up to the first one's size
+    padded = FP32 * padded_rank_elements(args, shard, tp)
+    assert {r.allocated for r in report.ranks} == {padded}
+    # what ranks hold, unpadded, adds up to every parameter once per replica, the norms (whole
+    # on each tp rank) tp times
+    norms = (2 * args.n_layers + 1) * args.dim
+    held = sum(r.held for r in report.ranks)
+    assert held == FP32 * rep * (total_elements(args) + (tp - 1) * norms)
+    assert abs(padded / report.estimate - 1) < 0.05
+
+
+def test_uneven_fsdp_padding_beyond_five_percent_fails_with_the_figures():
+    # tiny (dim 256, kv 128, ffn 768) over 96 ranks: 256 rows pad to 3 x 96 = 288, 128 to 192
+    run = load(["hardware=cpu", "trainer.devices=96", "parallelism=fsdp"])
+    with pytest.raises(PlanValidationError) as info:
+        validate(run, plan(run))
+    report = info.value.report
+    args = ModelArgs.from_config(run.model)
+    expected = padded_rank_elements(args, 96, 1) / (total_elements(args) / 96) - 1
+    assert report.deviation(report.worst) == pytest.approx(expected)
+    assert f"{expected:+.1%}" in str(info.value) and "limit 5%" in str(info.value)
+    assert not report.ok and "FAILED" in report.render()
+
+
+def test_a_build_that_fails_is_a_validation_error():
+    # a user's LightningModule has no reference decoder to lay out
+    run = load(["hardware=cpu", "trainer.devices=2", "parallelism=fsdp"])
+    run.model._target_ = "pytorch_lightning.LightningModule"
+    with pytest.raises(PlanValidationError, match="only the reference decoder"):
+        validate(run, plan(run))
+
+
+def test_rank_ranges_reads_short():
+    assert rank_ranges([0, 1, 2, 5]) == "0-2, 5"
+    assert rank_ranges([1, 5, 9, 13]) == "1-13 step 4"
+    assert rank_ranges([7]) == "7"
+
+
+def _plan_cli(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.plan", *overrides, "plan.validate=true"],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_cli_validates_70b_on_a_trn3_ultraserver_within_a_minute():
+    start = time.perf_counter()
+    proc = _plan_cli(*FULL_SCALE["70b_trn3_ultraserver"][0])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.perf_counter() - start < 60
+    assert "fake process group of 576 ranks" in proc.stdout
+    assert "limit 5%): ok" in proc.stdout
+
+
+def test_the_cli_fails_a_plan_that_does_not_validate_in_one_line():
+    proc = _plan_cli("hardware=cpu", "trainer.devices=96", "parallelism=fsdp")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "plan.validate" in lines[0], proc.stderr
