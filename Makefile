@@ -30,7 +30,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 system-deps:
 	@command -v chromium >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium fonts-liberation; }
 
 # The default job: python -m trainer with no arguments (add overrides with ARGS="key=value ...").
 train: install

@@ -192,7 +192,8 @@ def run_rounds(steps: int, repeats: int, workdir: Path, extra: list[str]) -> Rou
             rounds.hand.append(hand)
         print(f"  round {r}{' (warm-up)' if not r else ''}: ultramesh "
               f"{ultramesh.mean_step_s * 1e3:.1f} ms/step, hand {hand.mean_step_s * 1e3:.1f} "
-              f"ms/step, ratio {ultramesh.mean_step_s / hand.mean_step_s:.3f}", flush=True)
+              f"ms/step, ratio {ultramesh.mean_step_s / hand.mean_step_s:.3f} "
+              f"(CPU {ultramesh.cpu_step_s / hand.cpu_step_s:.3f})", flush=True)
     return rounds
 
 

@@ -104,6 +104,11 @@ BAD_CONFIGS = [
     (["model._target_=collections.OrderedDict"], "model._target_"),
     (["trainer.devices=3", "parallelism.dp_replicate=2"], "parallelism"),
     (["+hardware.bogus=1"], "hardware.bogus"),
+    # Meshes the planner refuses, before any process group exists.
+    (["trainer.devices=3", "parallelism.dp_replicate=1", "parallelism.tp=3"], "parallelism.tp=3"),
+    (["hardware=h100", "model.dim=512", "model.n_heads=32", "model.n_kv_heads=32",
+      "cluster.nodes=2", "parallelism.tp=16", "parallelism.dp_replicate=1"], "spans nodes"),
+    (["hardware=h100", "model=llama3_70b", "data.seq_len=2048"], "GiB per rank"),
 ]
 
 

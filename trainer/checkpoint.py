@@ -97,10 +97,10 @@ class PeriodicCheckpoint(pl.Callback):
             fs.pipe_file(posixpath.join(root, LATEST), name.encode())  # the commit
             nbytes = fs.du(path) if fs.isdir(path) else fs.size(path)
             self._prune(fs, root)
-            log.info("checkpoint step %d: %s (%.1f MiB, %.2f s)", trainer.global_step, url,
-                     nbytes / 2**20, seconds)
             if self.on_saved is not None:
                 self.on_saved(trainer.global_step, url, seconds, nbytes)
+            log.info("checkpoint step %d: %s (%.1f MiB, %.2f s)", trainer.global_step, url,
+                     nbytes / 2**20, seconds)
         trainer.strategy.barrier("ultramesh.checkpoint.commit")
         self.last_saved = url
         return url

@@ -45,6 +45,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     hardware = HardwareSpec(run.hardware)
     module = build_module(run)
     data = TokenDataModule(run.data, seed=run.seed)
+    _check_data_fits_model(run, data)
 
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
@@ -101,6 +102,15 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     if trainer.is_global_zero:
         _report(result, track)
     return result
+
+
+def _check_data_fits_model(run: RunConfig, data: TokenDataModule) -> None:
+    """Open the dataset before anything else starts: a missing or unreadable dataset, or token ids
+    the model has no embedding for, stop the run here with one line."""
+    if run.uses_reference_model and data.vocab_size > run.model.vocab_size:
+        raise ConfigError("model.vocab_size", run.model.vocab_size,
+                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
+                          f"{data.vocab_size - 1}; use a vocabulary of at least {data.vocab_size}")
 
 
 def with_plan(run: RunConfig, mesh_plan: MeshPlan) -> RunConfig:

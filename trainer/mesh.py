@@ -80,11 +80,12 @@ class MeshStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any | None = None) -> None:
-        url = str(self.broadcast(str(filepath)))  # every rank writes under rank 0's name
-        if "://" not in url:
-            super().save_checkpoint(checkpoint, url, storage_options)
+        if "://" not in str(filepath):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        from torch.distributed.checkpoint import FsspecWriter, save
+        url = str(self.broadcast(str(filepath)))  # every rank writes under rank 0's name
+        from torch.distributed.checkpoint import save
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         options = {**self.storage_options, **(storage_options or {})}
         shards = {"state_dict": checkpoint.pop("state_dict")}
@@ -99,10 +100,11 @@ class MeshStrategy(ModelParallelStrategy):
 
     def load_checkpoint(self, checkpoint_path: Any,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" not in str(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only)
         url = str(self.broadcast(str(checkpoint_path)))
-        if "://" not in url:
-            return super().load_checkpoint(url, weights_only)
-        from torch.distributed.checkpoint import FsspecReader, load
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,

@@ -65,6 +65,7 @@ AWS_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 PROBE_TIMEOUT_S = 5.0  # an unreachable server costs at most this at start
 SEND_INTERVAL_S = 1.0
 RETRY_MAX_S = 30.0
+CHECKPOINT_FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 60.0  # SLURM's and Kubernetes' default grace before SIGKILL is 30 s
 MAX_BUFFERED_METRICS = 1_000_000  # about 100 MB; past it the oldest points go
 
@@ -581,6 +582,12 @@ class Tracking:
         ])
         tags = {"checkpoint.latest_url": url, "checkpoint.latest_step": str(step)}
         self._sender.add_job("checkpoint tags", lambda: self._set_tags(tags))  # type: ignore
+        # A checkpoint is where a killed job resumes: once it is committed, the metrics of the
+        # steps before it must be in MLflow too, or a SIGKILL would lose them for good. Waiting
+        # here costs one round trip per checkpoint, never per step.
+        if not self.flush(CHECKPOINT_FLUSH_TIMEOUT_S):
+            log.warning("MLflow has not taken the metrics before checkpoint step %d yet; "
+                        "they stay buffered", step)
 
     def _key(self, key: str) -> str:
         """MLflow's metric name rules, checked once per name."""

@@ -34,7 +34,7 @@ def main() -> None:
 
 
 def preflight(argv: list[str]) -> None:
-    """Compose and validate every job `argv` would run; raise the first config error."""
+    """Compose, validate and plan every job `argv` would run; raise the first config error."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
@@ -42,8 +42,10 @@ def preflight(argv: list[str]) -> None:
         return
     if args.config_name not in (None, "train") or args.config_path or args.config_dir:
         return  # a config tree of the user's own: Hydra composes it, validate() runs in the job
+    from trainer.plan import plan
+
     for overrides in _jobs(args.overrides, multirun=args.multirun):
-        validate(compose(overrides))
+        plan(validate(compose(overrides)))  # a mesh that cannot work is a config error too
 
 
 def _jobs(overrides: list[str], *, multirun: bool) -> list[list[str]]:
@@ -58,6 +60,7 @@ def _jobs(overrides: list[str], *, multirun: bool) -> list[list[str]]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from trainer.data import DataError
     from trainer.fit import check_launchable, fit
     from trainer.tracking import SweepInfo
 
@@ -72,13 +75,17 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep = SweepInfo(sweep_dir=str(Path(hydra_cfg.sweep.dir).resolve()),
                           job_num=hydra_cfg.job.num)
-    result = fit(
-        run,
-        run_dir=Path(hydra_cfg.runtime.output_dir),
-        resolved=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-        overrides=list(hydra_cfg.overrides.task),
-        sweep=sweep,
-    )
+    try:
+        result = fit(
+            run,
+            run_dir=Path(hydra_cfg.runtime.output_dir),
+            resolved=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+            overrides=list(hydra_cfg.overrides.task),
+            sweep=sweep,
+        )
+    except (*CONFIG_ERRORS, DataError) as exc:  # found once the plan or the data were looked at
+        print(f"config error: {describe(exc)}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG_ERROR)
     # The return value is what Hydra's sweepers (e.g. Optuna) optimise.
     return result.metrics.get("train/loss")
 

@@ -23,7 +23,6 @@ The mesh has the dims of `trainer.plan.MESH_DIMS`: ("dp_replicate", "dp_shard", 
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 import torch
@@ -42,8 +41,6 @@ from torch.distributed.tensor.parallel import (
 
 from trainer.config import ParallelismConfig
 from trainer.models.llama import Transformer
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.compile backend per device type: TorchNeuron registers its own; inductor elsewhere.
