@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import CONFIG_DIR, ConfigError, compose, load, validate
+from trainer.config import CONFIG_DIR, CONFIG_ERRORS, ConfigError, compose, describe, load, validate
+from trainer.train import preflight
 
 GROUPS = ("hardware", "model", "data", "parallelism", "optim", "checkpoint", "tracking", "cluster")
 
@@ -114,7 +115,19 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("overrides", "key"), BAD_CONFIGS,
                          ids=[" ".join(o) for o, _ in BAD_CONFIGS])
-def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path: Path, overrides, key):
+def test_bad_config_is_refused_in_one_line_naming_the_key(overrides, key):
+    # preflight() is what `python -m trainer` runs before Hydra starts the job; the subprocess
+    # test below checks the exit code and that nothing is created, for a sample of these.
+    with pytest.raises(CONFIG_ERRORS) as info:
+        preflight(overrides)
+    message = describe(info.value)
+    assert key in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("overrides", "key"), [BAD_CONFIGS[i] for i in (0, 1, 4, 22, -1)],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_bad_config_exits_2_with_one_line_and_creates_nothing(tmp_path: Path, overrides, key):
     proc = subprocess.run([sys.executable, "-m", "trainer", *overrides], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
