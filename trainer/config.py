@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -341,50 +342,52 @@ def _check_data(run: RunConfig) -> None:
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
 
 
-def _check_parallelism(run: RunConfig) -> None:
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost
+
+
+def mesh_dims(run: RunConfig) -> dict[str, int]:
+    """The explicit `parallelism.*` dims with the one -1 filled from the world size."""
     p = run.parallelism
-    dims = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "cp": p.cp, "tp": p.tp}
-    if p.name == "auto":
-        return
-    for key, value in dims.items():
-        if value == 0 or value < -1:
-            raise ConfigError(f"parallelism.{key}", value, "must be a positive size, or -1 to fill")
-    filled = [k for k, v in dims.items() if v == -1]
+    dims = {name: getattr(p, name) for name in MESH_DIMS}
+    for name, size in dims.items():
+        if size == 0 or size < -1:
+            raise ConfigError(f"parallelism.{name}", size, "must be a positive size, or -1 to fill")
+    filled = [name for name, size in dims.items() if size == -1]
     if len(filled) > 1:
         raise ConfigError(f"parallelism.{filled[1]}", -1,
                           f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    fixed = 1
-    for value in dims.values():
-        fixed *= value if value > 0 else 1
+    fixed = math.prod(size for size in dims.values() if size > 0)
     world = run.world_size
-    if filled and world % fixed:
-        raise ConfigError(f"parallelism.{filled[0]}", -1,
-                          f"the other dims multiply to {fixed}, which does not divide the world "
-                          f"size {world} (cluster.nodes x trainer.devices)")
-    if not filled and fixed != world:
+    if filled:
+        if world % fixed:
+            raise ConfigError(f"parallelism.{filled[0]}", -1,
+                              f"the other dims multiply to {fixed}, which does not divide the "
+                              f"world size {world} (cluster.nodes x trainer.devices)")
+        dims[filled[0]] = world // fixed
+    elif fixed != world:
         raise ConfigError("parallelism", "x".join(str(v) for v in dims.values()),
                           f"dp_replicate x dp_shard x cp x tp = {fixed} must equal the world "
                           f"size {world} (cluster.nodes x trainer.devices)")
+    return dims
+
+
+def dp_size(run: RunConfig) -> int:
+    """Data-parallel size (dp_replicate x dp_shard) of an explicit mesh."""
+    dims = mesh_dims(run)
+    return dims["dp_replicate"] * dims["dp_shard"]
+
+
+def _check_parallelism(run: RunConfig) -> None:
+    p = run.parallelism
+    if p.name == "auto":
+        return
+    mesh_dims(run)
     if p.cp != 1:
         raise ConfigError("parallelism.cp", p.cp, "context parallel is not implemented yet; use 1")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:
             _one_of(f"parallelism.{key}", value, ("float32", "bfloat16"))
-
-
-def dp_size(run: RunConfig) -> int:
-    """Data-parallel size (dp_replicate x dp_shard) once -1 is filled."""
-    p = run.parallelism
-    if p.name == "auto":
-        raise ValueError("dp_size of an auto plan is known only after planning")
-    fixed = 1
-    for value in (p.dp_replicate, p.dp_shard, p.cp, p.tp):
-        fixed *= value if value > 0 else 1
-    fill = run.world_size // fixed
-    rep = fill if p.dp_replicate == -1 else p.dp_replicate
-    shard = fill if p.dp_shard == -1 else p.dp_shard
-    return rep * shard
 
 
 def _check_optim(run: RunConfig) -> None:

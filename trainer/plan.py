@@ -28,11 +28,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from trainer.config import ConfigError, RunConfig
+from trainer.config import MESH_DIMS, ConfigError, RunConfig, mesh_dims
 from trainer.hardware import GIB, HardwareSpec, Link
 from trainer.models.llama import ModelArgs, flops_per_token
-
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost -> innermost
 
 # Dtype widths in bytes. Mixed precision computes in 16 bits; "32-true" computes in fp32, which
 # the hardware spec counts against its bf16 peak.
@@ -613,22 +611,7 @@ def _best(run: RunConfig, plans: list[MeshPlan]) -> MeshPlan:
 
 def explicit_dims(run: RunConfig) -> tuple[int, int, int, int]:
     """parallelism.{dp_replicate, dp_shard, cp, tp} with one -1 filled from the world size."""
-    p = run.parallelism
-    dims = {name: getattr(p, name) for name in MESH_DIMS}
-    for name, size in dims.items():
-        if size == 0 or size < -1:
-            raise ConfigError(f"parallelism.{name}", size, "must be a positive size, or -1 to fill")
-    filled = [name for name, size in dims.items() if size == -1]
-    if len(filled) > 1:
-        raise ConfigError(f"parallelism.{filled[1]}", -1,
-                          f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    fixed = math.prod(size for size in dims.values() if size > 0)
-    if filled:
-        if run.world_size % fixed:
-            raise ConfigError(f"parallelism.{filled[0]}", -1,
-                              f"the other dims multiply to {fixed}, which does not divide the "
-                              f"world size {run.world_size}")
-        dims[filled[0]] = run.world_size // fixed
+    dims = mesh_dims(run)
     return tuple(dims[name] for name in MESH_DIMS)  # type: ignore[return-value]
 
 
