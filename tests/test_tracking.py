@@ -96,7 +96,8 @@ def new_experiment(what: str) -> str:
 
 def configure(uri: str, experiment: str, *extra: str) -> tuple:
     """Config for tests that drive `Tracking` without training."""
-    overrides = [*tracked_by(uri, experiment), "trainer.max_steps=8", "optim.warmup_steps=1", *extra]
+    overrides = [*tracked_by(uri, experiment), "trainer.max_steps=8", "optim.warmup_steps=1",
+                 *extra]
     cfg = compose(overrides)
     return validate(cfg), OmegaConf.to_container(cfg, resolve=True), overrides
 

@@ -63,12 +63,14 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     if track:
         callbacks += track.callbacks
 
+    plugins = _precision_plugins(run)
     trainer = pl.Trainer(
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
         strategy=build_strategy(run, mesh_plan),
-        precision=run.trainer.precision,
+        precision=None if plugins else run.trainer.precision,
+        plugins=plugins,
         max_steps=run.trainer.max_steps,
         accumulate_grad_batches=_accumulation(run, mesh_plan),
         logger=track.logger if track else False,
@@ -141,7 +143,8 @@ def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
         return DDPStrategy(process_group_backend=hardware.backend)
     from trainer.mesh import MeshStrategy
 
-    return MeshStrategy(mesh_plan, HardwareSpec(hardware))
+    return MeshStrategy(mesh_plan, HardwareSpec(hardware),
+                        storage_options=run.checkpoint.storage_options)
 
 
 def _accelerator(run: RunConfig) -> Any:
@@ -150,6 +153,16 @@ def _accelerator(run: RunConfig) -> Any:
 
         return neuron_accelerator()
     return run.hardware.device_type
+
+
+def _precision_plugins(run: RunConfig) -> list[Any]:
+    """Lightning builds autocast for "cuda" whenever the accelerator is an object, as the Neuron
+    one is; mixed precision on Neuron needs its device named. (Untested: no Trainium here.)"""
+    if run.hardware.device_type != "neuron" or "mixed" not in run.trainer.precision:
+        return []
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    return [MixedPrecision(run.trainer.precision, device="neuron")]
 
 
 def _accumulation(run: RunConfig, mesh_plan: MeshPlan) -> int:
