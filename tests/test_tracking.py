@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -46,7 +47,7 @@ MESH = {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
 SMALL = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
          "model.ffn_dim=64", "data.seq_len=32", "data.micro_batch_size=2",
          "trainer.log_every_n_steps=1", "optim.warmup_steps=1"]
-PROGRESS_LINE = re.compile(r"step (\d+)/\d+\s+loss (\S+)")  # the trainer's log, one per step
+PROGRESS_LINE = re.compile(r"step (\d+)/\d+\s+loss (\S+)")  # the log: a line a step, so few
 
 # A user's own LightningModule, reached through `model._target_` as users do. It knows nothing of
 # ultramesh; its knobs (a pause per step, a failure at a step) come from `model.kwargs`.
@@ -106,8 +107,11 @@ def fit_in_process(run_dir: Path, *overrides: str) -> FitResult:
     """What `python -m trainer <overrides> hydra.run.dir=<run_dir>` runs, minus Hydra's own run."""
     overrides = [*SMALL, *overrides]
     cfg = compose(overrides)
-    return fit(validate(cfg), run_dir=run_dir, resolved=OmegaConf.to_container(cfg, resolve=True),
-               overrides=overrides)
+    # the trainer exports its seed (PL_GLOBAL_SEED) and MLflow's HTTP settings for its own
+    # process; here that process is pytest's, and later tests must not inherit them
+    with mock.patch.dict(os.environ):
+        return fit(validate(cfg), run_dir=run_dir,
+                   resolved=OmegaConf.to_container(cfg, resolve=True), overrides=overrides)
 
 
 def only_run(client: MlflowClient, experiment: str) -> Run:
@@ -232,6 +236,20 @@ def test_redactor_hides_secret_values_in_trees_and_text():
     for secret in (AWS_SECRET, HF_TOKEN, STORAGE_KEY):
         assert secret not in text
     assert "srun python -m trainer" in text and "export HF_TOKEN=" in text
+
+
+def test_a_launch_script_becomes_a_redacted_artifact():
+    # `python -m launch` hands tracking the script it rendered; no trainer run carries one
+    cfg = compose(["trainer.max_steps=8", "optim.warmup_steps=1"])
+    script = (f"#!/bin/bash\nexport AWS_SECRET_ACCESS_KEY={AWS_SECRET}\n"
+              f"export HF_TOKEN={HF_TOKEN}\nsrun python -m trainer\n")
+    record = tracking.RunRecord.build(
+        validate(cfg), resolved_config=OmegaConf.to_container(cfg, resolve=True), overrides=[],
+        mesh_shape=MESH, sweep=None, launch_artifact=("sbatch.sh", script),
+        redactor=tracking.Redactor.from_env({"AWS_SECRET_ACCESS_KEY": AWS_SECRET}))
+    logged = record.artifacts["launch/sbatch.sh"]
+    assert "srun python -m trainer" in logged
+    assert AWS_SECRET not in logged and HF_TOKEN not in logged
 
 
 def test_long_values_are_truncated_with_a_marker():
@@ -394,12 +412,13 @@ def test_run_page_shows_the_loss_chart(finished_run: FinishedRun, mlflow_server:
     page = (f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
             "/model-metrics?workflowType=machine_learning")  # the UI's view for training runs
     screenshot = tmp_path / "run-page.png"
-    # flags from NOTES.md: with a smaller time budget the chart is still a spinner
+    # flags from NOTES.md: with a smaller time budget the chart is still a spinner. The UI draws
+    # only the chart groups in view and `train/` comes last of the trainer's four: a tall window.
     rendered = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run",
          "--virtual-time-budget=60000", "--run-all-compositor-stages-before-draw",
-         "--window-size=1400,900", f"--screenshot={screenshot}", "--dump-dom", page],
+         "--window-size=1400,2600", f"--screenshot={screenshot}", "--dump-dom", page],
         capture_output=True, text=True, timeout=120)
     dom = rendered.stdout
     assert screenshot.stat().st_size > 10_000, rendered.stderr[-2000:]
@@ -438,21 +457,27 @@ def test_an_exception_ends_the_run_with_its_status(
     assert steps(client, run.info.run_id) == [1, 2]  # the steps before the failure, all of them
 
 
+def resumable_job(uri: str, experiment: str, run_dir: Path) -> list[str]:
+    """10 steps of the user's model, a checkpoint every 4, resuming from the newest one under a
+    stable run dir. A quarter second a step leaves time to signal it after its first checkpoint."""
+    return [*SMALL, *tracked_by(uri, experiment), "trainer.max_steps=10",
+            "checkpoint.every_n_steps=4", "checkpoint.resume=last", f"hydra.run.dir={run_dir}",
+            *user_model(step_seconds=0.25)]
+
+
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
         mlflow_server: str, tmp_path: Path, user_module_dir: Path, start_trainer):
     experiment = new_experiment("sigterm")
-    # a stable run dir: `checkpoint.resume=last` looks under it; slow steps leave time to signal
-    args = [*SMALL, *tracked_by(mlflow_server, experiment), "trainer.max_steps=10",
-            "checkpoint.every_n_steps=4", "checkpoint.resume=last", f"hydra.run.dir={tmp_path}/run",
-            *user_model(step_seconds=0.25)]
+    args = resumable_job(mlflow_server, experiment, tmp_path / "run")
     env = {"PYTHONPATH": str(user_module_dir)}
     client = MlflowClient(mlflow_server)
 
     first = start_trainer(tmp_path, *args, env=env)
     first.wait_for(r"checkpoint step 4:")
     first.process.send_signal(signal.SIGTERM)
-    first.finish()
+    # A preempted job must not look successful to its scheduler: 128 + SIGTERM, as a shell says.
+    assert first.finish() == 128 + signal.SIGTERM, first.tail
     run_id = only_run(client, experiment).info.run_id
     assert client.get_run(run_id).info.status == "KILLED", first.tail
     killed_at = max(steps(client, run_id))
@@ -479,9 +504,7 @@ def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
 def test_sigkill_after_a_checkpoint_loses_no_step_and_the_resume_continues_the_run(
         mlflow_server: str, tmp_path: Path, user_module_dir: Path, start_trainer):
     experiment = new_experiment("sigkill")
-    args = [*SMALL, *tracked_by(mlflow_server, experiment), "trainer.max_steps=10",
-            "checkpoint.every_n_steps=4", "checkpoint.resume=last", f"hydra.run.dir={tmp_path}/run",
-            *user_model(step_seconds=0.25)]
+    args = resumable_job(mlflow_server, experiment, tmp_path / "run")
     env = {"PYTHONPATH": str(user_module_dir)}
     client = MlflowClient(mlflow_server)
 

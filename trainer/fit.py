@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from trainer import checkpoint, tracking
 from trainer.config import ConfigError, RunConfig, locate
@@ -96,6 +98,11 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except SIGTERMException as exc:
+        # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
+        # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
+        status = "KILLED"
+        raise SystemExit(128 + signal.SIGTERM) from exc
     finally:
         if track:
             track.close(status)
