@@ -17,7 +17,7 @@ import torch
 from trainer.config import ConfigError, RunConfig, load
 from trainer.hardware import GIB, HardwareSpec
 from trainer.models.llama import ModelArgs, Transformer, num_params
-from trainer.plan import (
+from trainer.plan.planner import (
     MESH_DIMS,
     MeshPlan,
     Params,
@@ -407,7 +407,7 @@ def test_cli_refuses_a_bad_plan_in_one_line_with_exit_2():
 
 
 def test_cli_refuses_a_bad_override_in_one_line(capsys):
-    from trainer.plan import main
+    from trainer.plan.__main__ import main
 
     assert main(["hardware=no_such_machine"]) == 2
     err = capsys.readouterr().err
@@ -415,7 +415,7 @@ def test_cli_refuses_a_bad_override_in_one_line(capsys):
 
 
 def test_cli_help(capsys):
-    from trainer.plan import main
+    from trainer.plan.__main__ import main
 
     assert main(["--help"]) == 0
     assert "usage: python -m trainer.plan" in capsys.readouterr().out

@@ -8,7 +8,7 @@ the process group with the hardware's backend (gloo on CPU, nccl on CUDA, neuron
 strategy knows two dims only and no replication across FSDP groups (HSDP).
 
 Ranks are laid out row-major, tp fastest: with torchrun's node-major numbering a tp group is tp
-consecutive ranks of one node (`trainer/plan.py` explains the order).
+consecutive ranks of one node (`trainer/plan/planner.py` explains the order).
 
 TorchNeuron (`torch_neuronx`) is imported only when the hardware is Neuron.
 """

@@ -1,0 +1,116 @@
+"""`python -m trainer.plan`: the planner's command line (table, JSON, full-scale validation).
+
+It lives apart from the planner so that imports run one way: the planner is arithmetic that
+`trainer.mesh`, the validation and the trainer import; this entry point imports them all.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from trainer.config import CONFIG_ERRORS, MESH_DIMS, RunConfig, compose, describe, validate
+from trainer.hardware import GIB
+from trainer.plan.planner import MeshPlan, candidates, plan, preference
+
+USAGE = """\
+usage: python -m trainer.plan [--all] [KEY=VALUE | GROUP=OPTION ...]
+
+Plan a run's device mesh without starting it. The arguments are the Hydra overrides `python -m
+trainer` takes; the same config is composed and validated. Prints the candidate meshes
+(dp_replicate x dp_shard x cp x tp, activation checkpointing) with the estimated memory per rank,
+step time, tokens/s and MFU, and marks the plan the run would use: the explicit parallelism.* dims,
+or with parallelism=auto the fastest feasible candidate.
+
+  --all            also list rejected candidates, each with the reason
+  plan.output=F    write the chosen plan as JSON to F
+  plan.mfu=X       assumed fraction of peak FLOP/s compute reaches (default 0.4)
+  plan.memory_headroom=X   fraction of a rank's memory a plan may use (default 0.9)
+  plan.validate=true       also build the mesh with a fake process group and check it
+
+examples:
+  python -m trainer.plan model=llama3_8b hardware=trn2_ultraserver cluster.nodes=4 \\
+      parallelism=auto data.seq_len=8192 data.micro_batch_size=1 trainer.precision=bf16-mixed
+  python -m trainer.plan model=llama3_70b hardware=h100 cluster.nodes=8 parallelism=fsdp_tp \\
+      parallelism.tp=8 plan.output=plan.json
+
+A plan that cannot run prints one line on stderr and exits with status 2."""
+
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if {"-h", "--help"} & set(args):
+        print(USAGE)
+        return 0
+    show_all = "--all" in args
+    overrides = [a for a in args if a != "--all"]
+    try:
+        run = validate(compose(overrides))
+        plans = sorted(candidates(run), key=lambda p: (not p.feasible, preference(p)))
+        chosen = plan(run)
+    except CONFIG_ERRORS as exc:
+        print(f"config error: {describe(exc)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print_table(run, plans, chosen, show_all=show_all)
+    if run.plan.validate:
+        # torch and a fake process group: only when asked for, after the table is out
+        from trainer.validate_plan import validate as validate_plan
+
+        try:
+            print(validate_plan(run, chosen).render())
+        except CONFIG_ERRORS as exc:
+            print(f"config error: {describe(exc)}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
+    if run.plan.output:
+        write_json(run, chosen, Path(run.plan.output))
+        print(f"wrote {run.plan.output}")
+    return 0
+
+
+def write_json(run: RunConfig, chosen: MeshPlan, path: Path) -> None:
+    document = {"hardware": run.hardware.name, "model": run.model.name,
+                "nodes": run.cluster.nodes, "ranks_per_node": run.ranks_per_node,
+                "parallelism": run.parallelism.name, **chosen.to_dict()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def print_table(run: RunConfig, plans: list[MeshPlan], chosen: MeshPlan, *,
+                show_all: bool = False) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = [p for p in plans if p.feasible or show_all]
+    title = (f"{run.model.name} on {run.cluster.nodes} x {run.hardware.name}: {run.world_size} "
+             f"ranks, {run.ranks_per_node} per node; seq_len {run.data.seq_len}, micro batch "
+             f"{run.data.micro_batch_size}, {run.trainer.precision}")
+    table = Table(title=title, title_justify="left")
+    for header in ("", *MESH_DIMS, "AC", "GiB/rank", "step s", "tokens/s", "MFU",
+                   "links tp/fsdp/rep", "status"):
+        table.add_column(header, justify="left" if header in ("", "status") else "right")
+    for p in shown:
+        mark = "->" if p == chosen else ""
+        links = "/".join(p.links[d] for d in ("tp", "fsdp", "dp_replicate"))
+        table.add_row(mark, *map(str, p.shape), "on" if p.activation_checkpointing else "off",
+                      f"{p.memory_bytes_per_rank / GIB:.1f}", f"{p.step_seconds:.3g}",
+                      f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}", links,
+                      "ok" if p.feasible else str(p.reason),
+                      style="bold green" if p == chosen else None)
+    console = Console(width=shutil.get_terminal_size(fallback=(200, 24)).columns)
+    console.print(table)
+    rejected = sum(not p.feasible for p in plans)
+    if rejected and not show_all:
+        console.print(f"{rejected} of {len(plans)} candidates rejected; --all lists them with "
+                      f"the reason")
+    how = "auto: fastest feasible" if run.parallelism.name == "auto" else "explicit"
+    console.print(f"chosen ({how}): {chosen.mesh_str} "
+                  f"({' x '.join(MESH_DIMS)}), activation checkpointing "
+                  f"{'on' if chosen.activation_checkpointing else 'off'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
