@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,15 +101,21 @@ class DataConfig:
 
 @dataclass
 class ParallelismConfig:
-    """Mesh dims; -1 fills one dim from the world size. `name: auto` asks the planner."""
+    """The device mesh: dp_replicate x dp_shard x cp x tp (outermost first).
 
-    name: str = "ddp"
-    dp_replicate: int = -1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
+    `name: auto` (the default) asks the planner for the fastest plan that fits; any dim set under
+    auto is a constraint the planner keeps (or refuses in one line), and null dims are free.
+    Any other name is an explicit plan: null dims are 1, and one dim may be -1 to fill the world
+    size. activation_checkpointing: null lets auto decide (off in an explicit plan).
+    """
+
+    name: str = "auto"
+    dp_replicate: Optional[int] = None
+    dp_shard: Optional[int] = None
+    cp: Optional[int] = None
+    tp: Optional[int] = None
     sequence_parallel: bool = False
-    activation_checkpointing: bool = False
+    activation_checkpointing: Optional[bool] = None
     compile: bool = False
     # dtype FSDP2 all-gathers parameters and reduces gradients in (null: the parameter dtype)
     param_dtype: Optional[str] = None
@@ -211,6 +216,29 @@ class RunConfig:
     @property
     def uses_reference_model(self) -> bool:
         return self.model._target_ == ModelConfig._target_
+
+
+class Key(str):
+    """A config key's dotted name, whose attributes are its sub-keys: `KEY.parallelism.tp` is
+    "parallelism.tp". Built from the schema, so other modules name keys in errors without
+    spelling them, and a key that does not exist fails as an AttributeError where it is named."""
+
+    def __getattr__(self, name: str) -> Key:
+        raise AttributeError(f"{self or 'the root config'} has no key {name!r}")
+
+
+def _keys(schema: type, prefix: str = "") -> Key:
+    node = Key(prefix.rstrip("."))
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        sub = (_keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint)
+               else Key(f"{prefix}{f.name}"))
+        object.__setattr__(node, f.name, sub)
+    return node
+
+
+KEY = _keys(RunConfig)
 
 
 def register_schema() -> None:
@@ -342,52 +370,37 @@ def _check_data(run: RunConfig) -> None:
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
 
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost
-
-
-def mesh_dims(run: RunConfig) -> dict[str, int]:
-    """The explicit `parallelism.*` dims with the one -1 filled from the world size."""
-    p = run.parallelism
-    dims = {name: getattr(p, name) for name in MESH_DIMS}
-    for name, size in dims.items():
-        if size == 0 or size < -1:
-            raise ConfigError(f"parallelism.{name}", size, "must be a positive size, or -1 to fill")
-    filled = [name for name, size in dims.items() if size == -1]
-    if len(filled) > 1:
-        raise ConfigError(f"parallelism.{filled[1]}", -1,
-                          f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    fixed = math.prod(size for size in dims.values() if size > 0)
-    world = run.world_size
-    if filled:
-        if world % fixed:
-            raise ConfigError(f"parallelism.{filled[0]}", -1,
-                              f"the other dims multiply to {fixed}, which does not divide the "
-                              f"world size {world} (cluster.nodes x trainer.devices)")
-        dims[filled[0]] = world // fixed
-    elif fixed != world:
-        raise ConfigError("parallelism", "x".join(str(v) for v in dims.values()),
-                          f"dp_replicate x dp_shard x cp x tp = {fixed} must equal the world "
-                          f"size {world} (cluster.nodes x trainer.devices)")
-    return dims
-
-
-def dp_size(run: RunConfig) -> int:
-    """Data-parallel size (dp_replicate x dp_shard) of an explicit mesh."""
-    dims = mesh_dims(run)
-    return dims["dp_replicate"] * dims["dp_shard"]
+MESH_DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "tp")
+FSDP_DTYPES = ("float32", "bfloat16")
 
 
 def _check_parallelism(run: RunConfig) -> None:
+    """Each dim on its own, and the dtypes against the precision, whatever the parallelism: the
+    shape against the world size, the model and the hardware is the planner's to check."""
     p = run.parallelism
-    if p.name == "auto":
-        return
-    mesh_dims(run)
-    if p.cp != 1:
+    filled = []
+    for name in MESH_DIM_KEYS:
+        size = getattr(p, name)
+        if size is None:
+            continue
+        if size == 0 or size < -1:
+            raise ConfigError(f"parallelism.{name}", size, "must be a positive size, or -1 to fill")
+        if size == -1:
+            filled.append(name)
+    if len(filled) > 1:
+        raise ConfigError(f"parallelism.{filled[1]}", -1,
+                          f"only one dim may be -1 (parallelism.{filled[0]} already is)")
+    if p.cp not in (None, 1, -1):
         raise ConfigError("parallelism.cp", p.cp, "context parallel is not implemented yet; use 1")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:
-            _one_of(f"parallelism.{key}", value, ("float32", "bfloat16"))
+            _one_of(f"parallelism.{key}", value, FSDP_DTYPES)
+    if run.trainer.precision == "bf16-true" and p.param_dtype == "float32":
+        raise ConfigError("parallelism.param_dtype", p.param_dtype,
+                          "with trainer.precision=bf16-true the weights are bf16 already; "
+                          "gathering them as float32 doubles the traffic for no precision: use "
+                          "bfloat16 or null")
 
 
 def _check_optim(run: RunConfig) -> None:
@@ -423,13 +436,8 @@ def _check_trainer(run: RunConfig) -> None:
     if run.hardware.device_type == "cpu" and t.precision == "16-mixed":
         raise ConfigError("trainer.precision", t.precision,
                           "fp16 needs an accelerator; on cpu use 32-true or bf16-mixed")
-    d = run.data
-    if d.global_batch_size is not None and run.parallelism.name != "auto":
-        per_step = d.micro_batch_size * dp_size(run)
-        if d.global_batch_size % per_step:
-            raise ConfigError("data.global_batch_size", d.global_batch_size,
-                              f"must be a multiple of data.micro_batch_size x data-parallel size "
-                              f"= {d.micro_batch_size} x {dp_size(run)} = {per_step}")
+    if run.data.global_batch_size is not None:
+        _positive("data.global_batch_size", run.data.global_batch_size)
 
 
 def _check_checkpoint(run: RunConfig) -> None:

@@ -6,7 +6,6 @@ what tracking records about the command line.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -40,12 +39,11 @@ class FitResult:
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
         sweep: tracking.SweepInfo | None = None) -> FitResult:
     mesh_plan = plan(run)
-    run = with_plan(run, mesh_plan)
     _quiet_lightning()
     _same_threads_on_every_rank(run)
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
-    module = build_module(run)
+    module = build_module(run, mesh_plan)
     data = TokenDataModule(run.data, seed=run.seed)
     _check_data_fits_model(run, data)
 
@@ -65,16 +63,14 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     if track:
         callbacks += track.callbacks
 
-    plugins = _precision_plugins(run)
     trainer = pl.Trainer(
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
         strategy=build_strategy(run, mesh_plan),
-        precision=None if plugins else run.trainer.precision,
-        plugins=plugins,
+        plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
-        accumulate_grad_batches=_accumulation(run, mesh_plan),
+        accumulate_grad_batches=mesh_plan.accumulation,
         logger=track.logger if track else False,
         callbacks=callbacks,
         default_root_dir=run_dir,
@@ -122,29 +118,20 @@ def _check_data_fits_model(run: RunConfig, data: TokenDataModule) -> None:
                           f"{data.vocab_size - 1}; use a vocabulary of at least {data.vocab_size}")
 
 
-def with_plan(run: RunConfig, mesh_plan: MeshPlan) -> RunConfig:
-    """`run` with its parallelism settled: -1 filled and, for `auto`, the planner's choice, so
-    everything downstream reads one concrete mesh."""
-    dims = dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True))
-    parallelism = dataclasses.replace(
-        run.parallelism, **dims, activation_checkpointing=mesh_plan.activation_checkpointing)
-    return dataclasses.replace(run, parallelism=parallelism)
-
-
-def build_module(run: RunConfig) -> pl.LightningModule:
+def build_module(run: RunConfig, mesh_plan: MeshPlan) -> pl.LightningModule:
     """The reference decoder's module, or the user's `model._target_` built from `model.kwargs`."""
     if run.uses_reference_model:
         from trainer.module import LanguageModel
 
-        return LanguageModel(run)
+        return LanguageModel(run, mesh_plan)
     return locate(run.model._target_)(**run.model.kwargs)
 
 
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
     hardware = run.hardware
-    if mesh_plan.dp_shard == 1 and mesh_plan.tp == 1 and mesh_plan.cp == 1:
-        if mesh_plan.world_size == 1:
-            return "auto"
+    if mesh_plan.world_size == 1:
+        return "auto"
+    if mesh_plan.replicas_only:
         from pytorch_lightning.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend=hardware.backend)
@@ -162,29 +149,26 @@ def _accelerator(run: RunConfig) -> Any:
     return run.hardware.device_type
 
 
-def _precision_plugins(run: RunConfig) -> list[Any]:
-    """Lightning builds autocast for "cuda" whenever the accelerator is an object, as the Neuron
-    one is; mixed precision on Neuron needs its device named. (Untested: no Trainium here.)"""
-    if run.hardware.device_type != "neuron" or "mixed" not in run.trainer.precision:
-        return []
-    from pytorch_lightning.plugins.precision import MixedPrecision
+def precision_plugin(run: RunConfig) -> Any:
+    """Lightning's precision plugin for trainer.precision, built here rather than by Lightning so
+    that the plan validation runs the model under the very same contexts, and because Lightning
+    builds autocast for "cuda" whenever the accelerator is an object, as the Neuron one is (the
+    device is named here; untested on Neuron: no Trainium here)."""
+    from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
-    return [MixedPrecision(run.trainer.precision, device="neuron")]
-
-
-def _accumulation(run: RunConfig, mesh_plan: MeshPlan) -> int:
-    if run.data.global_batch_size is None:
-        return 1
-    return run.data.global_batch_size // (run.data.micro_batch_size * mesh_plan.dp_size)
+    precision = run.trainer.precision
+    if precision.endswith("-mixed"):
+        return MixedPrecision(precision, device=run.hardware.device_type)  # type: ignore[arg-type]
+    if precision.endswith("-true") and precision != "32-true":
+        return HalfPrecision(precision)  # type: ignore[arg-type]
+    return Precision()
 
 
 def _throughput(run: RunConfig, mesh_plan: MeshPlan, hardware: HardwareSpec,
                 module: pl.LightningModule) -> Throughput:
-    tokens = (run.data.micro_batch_size * run.data.seq_len * mesh_plan.dp_size
-              * _accumulation(run, mesh_plan))
     flops = getattr(module, "flops_per_token", None)
     return Throughput(
-        tokens_per_step=tokens,
+        tokens_per_step=mesh_plan.tokens_per_step,
         flops_per_token=flops(run.data.seq_len) if callable(flops) else None,
         peak_flops_per_chip=hardware.peak_flops_per_rank() * run.hardware.ranks_per_chip,
         chips=mesh_plan.world_size / run.hardware.ranks_per_chip,
@@ -226,10 +210,9 @@ def _global_rank(run: RunConfig) -> int:
 
 def _report(result: FitResult, track: tracking.Tracking | None) -> None:
     if result.metrics:
-        log.info("final loss %.4f after %s", result.metrics.get("train/loss", float("nan")),
-                 f"{result.plan.world_size} rank(s), mesh "
-                 + " x ".join(f"{n}={s}" for n, s in zip(result.plan.dim_names, result.plan.shape,
-                                                          strict=True)))
+        log.info("final loss %.4f after %d rank(s), mesh %s",
+                 result.metrics.get("train/loss", float("nan")), result.plan.world_size,
+                 result.plan.describe())
     if result.checkpoint:
         log.info("checkpoint: %s", result.checkpoint)
     if track is not None:

@@ -9,15 +9,18 @@ import torch.nn.functional as F
 from trainer.config import RunConfig
 from trainer.models.llama import ModelArgs, Transformer, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
+from trainer.plan import MeshPlan
 
 
 class LanguageModel(pl.LightningModule):
-    """Builds the decoder in `configure_model`, so a sharding strategy can lay it out over its
-    device mesh first (`self.device_mesh` is set by the mesh strategy before that hook runs)."""
+    """Builds the decoder in `configure_model`, born sharded: constructed on the meta device,
+    laid out over the plan's device mesh (`self.device_mesh`, set by the mesh strategy before
+    that hook runs), then each rank allocates and initialises only its own shards."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, plan: MeshPlan):
         super().__init__()
         self.run = run
+        self.plan = plan
         self.args = ModelArgs.from_config(run.model)
         self.model: Transformer | None = None
         # Read by the step monitor: kept on the device so logging never forces a sync per step.
@@ -29,22 +32,25 @@ class LanguageModel(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again, e.g. when resuming
             return
-        # Every rank draws the same initial weights: parameters that tensor parallel does not split
-        # would otherwise start different on each TP rank and silently diverge.
-        torch.manual_seed(self.run.seed)
-        model = Transformer(self.args)
-        mesh = self._mesh()
-        if mesh is not None:
+        # Lightning calls this hook inside `with <its device>:` and the precision plugin's dtype
+        # context, so the default device is where the shards belong and the default dtype is the
+        # parameters' (bf16 under "bf16-true").
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            model = Transformer(self.args)
+        if self.plan.uses_mesh:
             from trainer.models.parallelize import parallelize
 
-            parallelize(model, mesh, self.run.parallelism, precision=self.run.trainer.precision)
+            mesh = self.device_mesh
+            if mesh is None:  # never train unsharded what the plan shards
+                raise RuntimeError(f"the plan {self.plan.describe()} shards the model, but no "
+                                   f"device mesh was handed to the module (a mesh strategy sets "
+                                   f"it before configure_model)")
+            parallelize(model, mesh, self.plan, self.run.parallelism,
+                        precision=self.run.trainer.precision)
+        model.to_empty(device=device)
+        model.init_weights(seed=self.run.seed, buffer_device=device)
         self.model = model
-
-    def _mesh(self):
-        try:
-            return self.device_mesh
-        except (AttributeError, RuntimeError):  # no mesh strategy (DDP or a single process)
-            return None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

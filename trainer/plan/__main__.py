@@ -11,9 +11,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer.config import CONFIG_ERRORS, MESH_DIMS, RunConfig, compose, describe, validate
+from trainer.config import CONFIG_ERRORS, RunConfig, compose, describe, validate
 from trainer.hardware import GIB
-from trainer.plan.planner import MeshPlan, candidates, plan, preference
+from trainer.plan.planner import MESH_DIMS, MeshPlan, RunFacts, all_candidates, plan, preference
 
 USAGE = """\
 usage: python -m trainer.plan [--all] [KEY=VALUE | GROUP=OPTION ...]
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args if a != "--all"]
     try:
         run = validate(compose(overrides))
-        plans = sorted(candidates(run), key=lambda p: (not p.feasible, preference(p)))
+        plans = sorted(all_candidates(RunFacts.of(run)),
+                       key=lambda p: (not p.feasible, preference(p)))
         chosen = plan(run)
     except CONFIG_ERRORS as exc:
         print(f"config error: {describe(exc)}", file=sys.stderr)
