@@ -19,9 +19,10 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from trainer import checkpoint, tracking
-from trainer.config import ConfigError, RunConfig, locate
+from trainer.config import ConfigError, RunConfig
 from trainer.data import TokenDataModule
 from trainer.hardware import HardwareSpec
+from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
 from trainer.plan import MeshPlan, plan
 
@@ -118,15 +119,6 @@ def _check_data_fits_model(run: RunConfig, data: TokenDataModule) -> None:
                           f"{data.vocab_size - 1}; use a vocabulary of at least {data.vocab_size}")
 
 
-def build_module(run: RunConfig, mesh_plan: MeshPlan) -> pl.LightningModule:
-    """The reference decoder's module, or the user's `model._target_` built from `model.kwargs`."""
-    if run.uses_reference_model:
-        from trainer.module import LanguageModel
-
-        return LanguageModel(run, mesh_plan)
-    return locate(run.model._target_)(**run.model.kwargs)
-
-
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
     hardware = run.hardware
     if mesh_plan.world_size == 1:
@@ -147,21 +139,6 @@ def _accelerator(run: RunConfig) -> Any:
 
         return neuron_accelerator()
     return run.hardware.device_type
-
-
-def precision_plugin(run: RunConfig) -> Any:
-    """Lightning's precision plugin for trainer.precision, built here rather than by Lightning so
-    that the plan validation runs the model under the very same contexts, and because Lightning
-    builds autocast for "cuda" whenever the accelerator is an object, as the Neuron one is (the
-    device is named here; untested on Neuron: no Trainium here)."""
-    from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
-
-    precision = run.trainer.precision
-    if precision.endswith("-mixed"):
-        return MixedPrecision(precision, device=run.hardware.device_type)  # type: ignore[arg-type]
-    if precision.endswith("-true") and precision != "32-true":
-        return HalfPrecision(precision)  # type: ignore[arg-type]
-    return Precision()
 
 
 def _throughput(run: RunConfig, mesh_plan: MeshPlan, hardware: HardwareSpec,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, locate
 from trainer.models.llama import ModelArgs, Transformer, flops_per_token
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.plan import MeshPlan
@@ -71,3 +73,28 @@ class LanguageModel(pl.LightningModule):
         # Lightning's own clipping stacks norms across meshes, which fails under tensor parallel;
         # ours is mesh-aware and also measures the norm the monitor logs.
         self.last_grad_norm = clip_grad_norm(self.model.parameters(), self.run.optim.grad_clip)
+
+
+def build_module(run: RunConfig, plan: MeshPlan) -> pl.LightningModule:
+    """The reference decoder's module, or the user's `model._target_` built from `model.kwargs`.
+    The trainer and the plan validation both build it here."""
+    if run.uses_reference_model:
+        return LanguageModel(run, plan)
+    return locate(run.model._target_)(**run.model.kwargs)
+
+
+def precision_plugin(run: RunConfig, device_type: str | None = None) -> Any:
+    """Lightning's precision plugin for trainer.precision, built here rather than by Lightning so
+    that the plan validation runs the model under the very same contexts, and because Lightning
+    builds autocast for "cuda" whenever the accelerator is an object, as the Neuron one is (the
+    device is named here; untested on Neuron: no Trainium here). `device_type` overrides the
+    hardware's, for a validation that runs on the CPU what will run elsewhere."""
+    from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
+    precision = run.trainer.precision
+    if precision.endswith("-mixed"):
+        device = device_type or run.hardware.device_type
+        return MixedPrecision(precision, device=device)  # type: ignore[arg-type]
+    if precision.endswith("-true") and precision != "32-true":
+        return HalfPrecision(precision)  # type: ignore[arg-type]
+    return Precision()
