@@ -478,33 +478,33 @@ def write_output(path: Path, doc: dict[str, Any]) -> None:
 
 
 def draw_chart(path: Path, request: Request, rows: list[Row], run_label: str) -> None:
-    """Days (x) against cost (y), one point per hardware that has a plan; hardware whose price
-    is nf sits on a band under the axis, labelled, at its days."""
+    """Days (x) against cost (y), one point per hardware that has a plan. Hardware whose price
+    is nf has no height: it sits in a band under the axis, one line each, at its days."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    placed = [r for r in rows if r.figures is not None]
+    placed = [(r, r.figures) for r in rows if r.figures is not None]
+    priced = sorted(((r, f) for r, f in placed if f.cost_usd is not None),
+                    key=lambda item: item[1].cost_usd)  # type: ignore[arg-type,return-value]
+    unpriced = [(r, f) for r, f in placed if f.cost_usd is None]
+    top = max((f.cost_usd / 1e6 for _, f in priced), default=1.0)  # type: ignore[operator]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    priced = [r for r in placed if r.figures.cost_usd is not None]  # type: ignore[union-attr]
-    unpriced = [r for r in placed if r.figures.cost_usd is None]  # type: ignore[union-attr]
-    top = max((r.figures.cost_usd for r in priced), default=1.0)  # type: ignore[union-attr]
-    for r in priced:
-        f = r.figures
-        ax.scatter(f.days, f.cost_usd / 1e6, s=60, zorder=3)  # type: ignore[union-attr]
-        ax.annotate(f"{r.hardware} ({r.chips:,} chips)",
-                    (f.days, f.cost_usd / 1e6),  # type: ignore[union-attr]
-                    textcoords="offset points", xytext=(6, 6), fontsize=8)
-    band = -0.12 * top / 1e6
-    for r in unpriced:
-        f = r.figures
-        ax.scatter(f.days, band, s=60, marker="x", color="grey", zorder=3)  # type: ignore
-        ax.annotate(f"{r.hardware} ({r.chips:,} chips, price nf)", (f.days, band),  # type: ignore
-                    textcoords="offset points", xytext=(6, -12), fontsize=8, color="grey")
+    markers = "osD^v<>p*h"
+    for i, (r, f) in enumerate(priced):
+        ax.scatter(f.days, f.cost_usd / 1e6, s=70, marker=markers[i % len(markers)],  # type: ignore
+                   zorder=3, label=f"{r.hardware}, {r.chips:,} chips")
+    step = 0.09 * top
+    for i, (r, f) in enumerate(unpriced):
+        ax.scatter(f.days, -step * (i + 1), s=60, marker="x", zorder=3,
+                   label=f"{r.hardware}, {r.chips:,} chips (price nf: under the axis)")
+    ax.legend(fontsize=8, loc="upper right")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_ylim(band * 2.2, top / 1e6 * 1.25)
-    ax.set_xlim(0, max((r.figures.days for r in placed), default=1.0) * 1.3)  # type: ignore
+    ax.set_ylim(-step * (len(unpriced) + 1), top * 1.2)
+    ax.set_yticks([t for t in ax.get_yticks() if t >= 0])
+    days = [f.days for _, f in placed] or [1.0]
+    ax.set_xlim(min(days) * 0.8, max(days) * 1.35)
     ax.set_xlabel("days to the token budget")
     ax.set_ylabel("on-demand cost, million USD")
     ax.set_title(f"{run_label}, {request.tokens:.3g} tokens: days vs cost ({request.mode})",
