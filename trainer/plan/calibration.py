@@ -9,6 +9,7 @@ for a compute-bound plan to match it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,14 @@ def check(entry: Published, assumptions: list[str]) -> Check:
                  str(estimate.reason) if estimate.reason else None)
 
 
+@functools.lru_cache(maxsize=8)
+def _calibrate(assumptions: tuple[str, ...]) -> tuple[Check, ...]:
+    return tuple(check(entry, list(assumptions)) for entry in PUBLISHED)
+
+
 def calibrate(assumptions: list[str]) -> list[Check]:
-    return [check(entry, assumptions) for entry in PUBLISHED]
+    """Every published figure against the model under `assumptions` (plan.* overrides)."""
+    return list(_calibrate(tuple(assumptions)))
 
 
 def summary(checks: list[Check], hardware: str) -> str:
