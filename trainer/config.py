@@ -192,7 +192,8 @@ class PlanConfig:
     # defaults, and how far they miss published throughput: docs/planning.md, "Calibration".
     # mfu: fraction of dense peak FLOP/s the matmuls reach. torchtitan measured 33-39% MFU for
     # Llama 3.1 8B FSDP on H100 at 500 W (pytorch/torchtitan benchmarks/
-    # llama3_h100_202412_torchtitan.md @31a17bf); Megatron-Core reports up to 47% on H100.
+    # llama3_h100_202412_torchtitan.md @31a17bf); NVIDIA/Megatron-LM's README: "up to 47% MFU on
+    # H100 clusters".
     mfu: float = 0.4
     # overlap: fraction of compute time FSDP / replica traffic can hide behind. FSDP2 prefetches
     # the next unit's all-gather during this unit's compute and reduce-scatters during backward.
