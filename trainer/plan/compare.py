@@ -150,6 +150,8 @@ def parse(args: Sequence[str]) -> Request:
     hardware = DEFAULT_HARDWARE
     if "hardware" in own:
         names = [n.strip() for n in own["hardware"].split(",") if n.strip()]
+        if not names:
+            raise ConfigError("hardware", own["hardware"], "name one catalog entry or more, or all")
         hardware = tuple(sorted(known)) if names == ["all"] else tuple(names)
         for name in hardware:
             if name not in known:
@@ -235,7 +237,6 @@ class Row:
     hardware: str
     instance_type: str
     chips_per_node: int
-    ranks_per_chip: int
     mfu_assumed: float
     power_w: float | None
     node_power_w: float | None
@@ -283,7 +284,7 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
                 *request.per_hardware.get(name, ())])
     hw = HardwareSpec(run.hardware)
     c = run.hardware
-    row = Row(name, c.instance_type, c.chips_per_node, c.ranks_per_chip, run.plan.mfu,
+    row = Row(name, c.instance_type, c.chips_per_node, run.plan.mfu,
               c.power_w, hw.node_power_w, hw.power_basis, hw.price_per_node_hour, c.price_date,
               c.price_region, summary(checks, name), list(c.vendor_claims))
 
@@ -401,8 +402,8 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
     for r in rows:
         f = r.figures
         if r.plan is None or f is None:
-            table.add_row(r.hardware, "", "", f"{r.mfu_assumed:.0%}", "", "", "", "", "", "", "",
-                          r.calibration)
+            table.add_row(r.hardware, "", "no plan (below)", f"{r.mfu_assumed:.0%}", "", "", "",
+                          "", "", "", "", r.calibration)
             continue
         mesh = f"{r.plan.mesh_str}, {'on' if r.plan.activation_checkpointing else 'off'}"
         table.add_row(r.hardware, f"{r.chips:,}", mesh, f"{r.plan.mfu:.1%}",
