@@ -193,3 +193,16 @@ def test_comparison_is_an_mlflow_run_with_its_artifacts(tmp_path, mlflow_server)
     assert "trn3_ultraserver.cost_usd" not in run.data.metrics  # nf is not a number
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"comparison.txt", "comparison.json", "comparison.csv", "days_vs_cost.png"} <= names
+
+
+def test_every_catalog_price_is_dated_and_placed():
+    from trainer.hardware import HardwareSpec
+
+    for name in catalog():
+        c = HardwareSpec.load(name).config
+        dated = (c.price_date, c.price_region)
+        assert (c.price_per_hour is None) == (dated == (None, None)), name
+    # AWS publishes no Trainium power and no Trn3 price: they stay nf in the catalog.
+    for name in ("trn1", "trn2", "trn2_ultraserver", "trn3_ultraserver", "trn3_ultraserver_64"):
+        assert HardwareSpec.load(name).power_basis == "nf"
+    assert HardwareSpec.load("trn3_ultraserver").price_per_node_hour is None
