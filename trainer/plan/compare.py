@@ -415,8 +415,10 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
     for r in rows:
         if r.reason:
             console.print(f"{r.hardware}: {r.reason}")
-    console.print("MFU: the plan's model FLOPs over peak (plan.mfu, lower with activation "
-                  "checkpointing's recompute); mesh dp_replicate x dp_shard x cp x tp in ranks.")
+    assumed = rows[0].mfu_assumed if rows else math.nan
+    console.print(f"MFU: the plan's model FLOPs over dense bf16 peak, assuming plan.mfu="
+                  f"{assumed:g} (less with activation checkpointing's recompute); mesh "
+                  f"dp_replicate x dp_shard x cp x tp in ranks.")
 
     sources = Table(title="power and price (configs/hardware/*.yaml, each with its source)",
                     title_justify="left")
