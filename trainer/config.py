@@ -60,6 +60,16 @@ class HardwareConfig:
     efa_interfaces: int = 0
     launch_env: dict[str, str] = field(default_factory=dict)
     k8s_resources: dict[str, int] = field(default_factory=dict)  # per node
+    # Power and price, read by `python -m trainer.plan compare`. null where not published: shown
+    # as nf and never guessed; a user who knows the figure supplies it (hardware.power_w=...).
+    power_w: Optional[float] = None  # W per chip: the vendor's TDP / board power
+    node_power_w: Optional[float] = None  # W per node, the whole server, where published
+    price_per_hour: Optional[float] = None  # USD per node (instance) hour, on demand
+    price_date: Optional[str] = None  # when price_per_hour was read (YYYY-MM-DD)
+    price_region: Optional[str] = None  # the AWS region it is quoted for
+    # Relative claims a vendor makes (e.g. "4x energy efficiency vs Trn2"): shown, labelled as
+    # claims, never used in a figure.
+    vendor_claims: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -183,7 +193,23 @@ class TrainerConfig:
 class PlanConfig:
     validate: bool = False
     output: Optional[str] = None  # write the chosen plan as JSON here
-    mfu: float = 0.4  # assumed fraction of peak FLOP/s that compute reaches
+    # The step-time model's assumptions (trainer/plan/planner.py step_time). Sources of the
+    # defaults, and how far they miss published throughput: docs/planning.md, "Calibration".
+    # mfu: fraction of dense peak FLOP/s the matmuls reach. torchtitan measured 33-39% MFU for
+    # Llama 3.1 8B FSDP on H100 at 500 W (pytorch/torchtitan benchmarks/
+    # llama3_h100_202412_torchtitan.md @31a17bf); NVIDIA/Megatron-LM's README: "up to 47% MFU on
+    # H100 clusters".
+    mfu: float = 0.4
+    # overlap: fraction of compute time FSDP / replica traffic can hide behind. FSDP2 prefetches
+    # the next unit's all-gather during this unit's compute and reduce-scatters during backward.
+    overlap: float = 1.0
+    # link_efficiency: fraction of a link's nominal one-way bandwidth a large collective reaches.
+    # nccl-tests all-reduce bus bandwidth on 8x H100 SXM NVLink: 460-480 GB/s against 450 GB/s
+    # nominal (docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests): no derating.
+    link_efficiency: float = 1.0
+    # pue: facility power over IT power, for energy figures. AWS data centers' global average
+    # for 2025: 1.14 (sustainability.aboutamazon.com/environment/the-cloud, read 2026-12).
+    pue: float = 1.14
     memory_headroom: float = 0.9  # plans may use this fraction of a rank's memory
 
 
@@ -293,7 +319,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
-                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster):
+                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan):
         check(run)
     return run
 
@@ -329,6 +355,9 @@ def _check_hardware(run: RunConfig) -> None:
     for key in ("chips_per_node", "ranks_per_chip", "nodes_per_domain", "memory_gib_per_chip",
                 "peak_tflops_bf16"):
         _positive(f"hardware.{key}", getattr(hw, key))
+    for key in ("power_w", "node_power_w", "price_per_hour"):
+        if getattr(hw, key) is not None:
+            _positive(f"hardware.{key}", getattr(hw, key))
 
 
 def _check_model(run: RunConfig) -> None:
@@ -457,3 +486,14 @@ def _check_cluster(run: RunConfig) -> None:
     c = run.cluster
     _one_of("cluster.kind", c.kind, CLUSTER_KINDS)
     _positive("cluster.nodes", c.nodes)
+
+
+def _check_plan(run: RunConfig) -> None:
+    p = run.plan
+    for key in ("mfu", "link_efficiency"):
+        if not 0 < getattr(p, key) <= 1:
+            raise ConfigError(f"plan.{key}", getattr(p, key), "must be in (0, 1]")
+    if not 0 <= p.overlap <= 1:
+        raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
+    if p.pue < 1:
+        raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")

@@ -17,6 +17,7 @@ from trainer.plan.planner import MESH_DIMS, MeshPlan, RunFacts, all_candidates, 
 
 USAGE = """\
 usage: python -m trainer.plan [--all] [KEY=VALUE | GROUP=OPTION ...]
+       python -m trainer.plan compare tokens=N [hardware=A,B,...] ...   (see compare --help)
 
 Plan a run's device mesh without starting it. The arguments are the Hydra overrides `python -m
 trainer` takes; the same config is composed and validated. Prints the candidate meshes
@@ -27,6 +28,8 @@ or with parallelism=auto the fastest feasible candidate.
   --all            also list rejected candidates, each with the reason
   plan.output=F    write the chosen plan as JSON to F
   plan.mfu=X       assumed fraction of peak FLOP/s compute reaches (default 0.4)
+  plan.overlap=X   fraction of compute time FSDP traffic hides behind (default 1)
+  plan.link_efficiency=X   fraction of nominal link bandwidth collectives reach (default 1)
   plan.memory_headroom=X   fraction of a rank's memory a plan may use (default 0.9)
   plan.validate=true       also build the mesh with a fake process group and check it
 
@@ -43,6 +46,10 @@ EXIT_CONFIG_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["compare"]:
+        from trainer.plan.compare import main as compare
+
+        return compare(args[1:])
     if {"-h", "--help"} & set(args):
         print(USAGE)
         return 0

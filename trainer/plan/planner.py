@@ -473,9 +473,10 @@ def step_time(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
         (it reshards after forward) and reduce-scatters the gradients, over the FSDP group's link.
     replicate: the replicas all-reduce the (sharded) gradients once per step over their link
         (gradient sync is skipped on accumulation micro-batches).
-    exposed_dp: the FSDP and replica traffic overlaps compute (prefetch, backward hooks); only
-        what exceeds compute adds to the step.
-    Bandwidth only: latency per collective is not modelled.
+    exposed_dp: the FSDP and replica traffic overlaps plan.overlap of the compute time
+        (prefetch, backward hooks); only what exceeds that adds to the step.
+    Links run at plan.link_efficiency of their nominal bandwidth. Bandwidth only: latency per
+    collective is not modelled.
     """
     run, hw, args = facts.run, facts.hardware, facts.args
     w = Widths.of(run, plan)
@@ -496,13 +497,13 @@ def step_time(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
     def seconds(nbytes: float, link: Link) -> float:
         if not nbytes:
             return 0.0
-        bandwidth = hw.link_bandwidth(link)
+        bandwidth = hw.link_bandwidth(link) * run.plan.link_efficiency
         return nbytes / bandwidth if bandwidth > 0 else math.inf  # no such link: never done
 
     tp = seconds(tp_bytes, links["tp"])
     fsdp = seconds(fsdp_bytes, links["fsdp"])
     replicate = seconds(replicate_bytes, links["dp_replicate"])
-    exposed_dp = max(0.0, fsdp + replicate - compute)
+    exposed_dp = max(0.0, fsdp + replicate - run.plan.overlap * compute)
     return {"compute": compute, "tp": tp, "fsdp": fsdp, "replicate": replicate,
             "exposed_dp": exposed_dp, "step": compute + tp + exposed_dp}
 
