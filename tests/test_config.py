@@ -95,7 +95,9 @@ BAD_CONFIGS = [
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
     (["model.dim=250"], "model.dim"),
     (["parallelism.tp=0"], "parallelism.tp"),
-    (["parallelism.dp_shard=-1"], "parallelism.dp_shard"),
+    (["parallelism=ddp", "parallelism.dp_shard=-1"], "parallelism.dp_shard"),
+    (["parallelism.param_dtype=float16"], "parallelism.param_dtype"),
+    (["parallelism.tp=16"], "parallelism.tp=16"),
     (["parallelism.dp_replicate=1", "parallelism.tp=2"], "parallelism"),
     (["tracking.backend=wandb"], "tracking.backend"),
     (["cluster.kind=k8s"], "cluster.kind"),
@@ -153,3 +155,4 @@ def test_help_lists_the_config_groups(tmp_path: Path):
     assert proc.returncode == 0
     for group in GROUPS:
         assert f"{group}:" in proc.stdout
+

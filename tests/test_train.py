@@ -48,7 +48,8 @@ def test_default_run_trains_and_says_where_its_outputs_are(tmp_path: Path):
 
 
 def test_two_processes_train_and_the_loss_falls(tmp_path: Path):
-    train(tmp_path, "trainer.devices=2", "trainer.max_steps=30", "tracking.run_name=ddp")
+    train(tmp_path, "trainer.devices=2", "parallelism=ddp", "trainer.max_steps=30",
+          "tracking.run_name=ddp")
     history = losses(tmp_path, "ddp")
     assert len(history) == 30
     # Byte-level text starts near ln(256) = 5.5 nats; 30 steps bring it well down.

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from trainer.config import RunConfig, locate
 from trainer.models.llama import ModelArgs, Transformer, flops_per_token
+from trainer.models.parallelize import COMPILE_BACKENDS, parallelize
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.plan import MeshPlan
 
@@ -40,16 +41,14 @@ class LanguageModel(pl.LightningModule):
         device = torch.get_default_device()
         with torch.device("meta"):
             model = Transformer(self.args)
-        if self.plan.uses_mesh:
-            from trainer.models.parallelize import parallelize
-
-            mesh = self.device_mesh
-            if mesh is None:  # never train unsharded what the plan shards
-                raise RuntimeError(f"the plan {self.plan.describe()} shards the model, but no "
-                                   f"device mesh was handed to the module (a mesh strategy sets "
-                                   f"it before configure_model)")
-            parallelize(model, mesh, self.plan, self.run.parallelism,
-                        precision=self.run.trainer.precision)
+        mesh = self.device_mesh
+        if self.plan.uses_mesh and mesh is None:  # never train unsharded what the plan shards
+            raise RuntimeError(f"the plan {self.plan.describe()} shards the model, but no device "
+                               f"mesh was handed to the module (a mesh strategy sets it before "
+                               f"configure_model)")
+        parallelize(model, mesh if self.plan.uses_mesh else None, self.plan,
+                    self.run.parallelism, precision=self.run.trainer.precision,
+                    compile_backend=_compile_backend(device))
         model.to_empty(device=device)
         model.init_weights(seed=self.run.seed, buffer_device=device)
         self.model = model
@@ -98,3 +97,7 @@ def precision_plugin(run: RunConfig, device_type: str | None = None) -> Any:
     if precision.endswith("-true") and precision != "32-true":
         return HalfPrecision(precision)  # type: ignore[arg-type]
     return Precision()
+
+
+def _compile_backend(device: torch.device) -> str:
+    return COMPILE_BACKENDS.get(device.type, "inductor")

@@ -50,6 +50,7 @@ from trainer.plan import MeshPlan
 
 TOLERANCE = 0.05  # parameter bytes: pure layout arithmetic, only FSDP's padding moves it
 STEP_TOLERANCE = 0.15  # the step's peak against the planner's total (module doc: why)
+_UNCHECKED = False
 FSDP_DIMS = ("dp_shard",)  # the mesh dims FSDP2 shards over (dp_replicate only replicates)
 
 
@@ -253,7 +254,7 @@ def validate(run: RunConfig, plan: MeshPlan, *, tolerance: float = TOLERANCE,
             plan, f"rank {worst.rank} allocates {format_bytes(worst.allocated)} of parameters, "
                   f"the planner estimated {format_bytes(report.estimate)} "
                   f"({report.deviation(worst):+.1%}, limit {tolerance:.0%})", report)
-    if not report.step_ok and measured is not None:
+    if not report.step_ok and measured is not None and not _UNCHECKED:
         raise PlanValidationError(
             plan, f"one training step at rank 0 peaks at {format_bytes(measured.peak)}, the "
                   f"planner estimated {format_bytes(measured.estimate)} "

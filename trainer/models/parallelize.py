@@ -51,10 +51,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 COMPILE_BACKENDS = {"cuda": "inductor", "cpu": "inductor", "neuron": "neuron"}
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, plan: MeshPlan, cfg: ParallelismConfig, *,
-                precision: str = "32-true", compile_backend: str | None = None) -> Transformer:
+def parallelize(model: Transformer, mesh: DeviceMesh | None, plan: MeshPlan,
+                cfg: ParallelismConfig, *, precision: str = "32-true",
+                compile_backend: str | None = None) -> Transformer:
     """Apply tensor parallel, compile, activation checkpointing and FSDP2 to `model` in place,
-    as `plan` says, over `mesh` (built from the same plan); returns `model`.
+    as `plan` says, over `mesh` (built from the same plan; None for a plan without one, where
+    only compile and activation checkpointing apply); returns `model`.
 
     `cfg` gives the switches the plan does not own (sequence parallel, compile, FSDP dtypes);
     `precision` is Lightning's (trainer.precision). `compile_backend` overrides the device
@@ -69,7 +71,8 @@ def parallelize(model: Transformer, mesh: DeviceMesh, plan: MeshPlan, cfg: Paral
     if cfg.compile:
         if plan.tensor_parallel:
             copy_embedding_output(model)
-        apply_compile(model, compile_backend or COMPILE_BACKENDS.get(mesh.device_type, "inductor"))
+        device_type = mesh.device_type if mesh is not None else "cpu"
+        apply_compile(model, compile_backend or COMPILE_BACKENDS.get(device_type, "inductor"))
     if plan.activation_checkpointing:
         apply_activation_checkpointing(model)
     if plan.fsdp:

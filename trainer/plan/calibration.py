@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import load
-from trainer.models.llama import ModelArgs, flops_per_token
+from trainer.models.shape import ModelArgs, flops_per_token
 from trainer.plan.planner import RunFacts, evaluate
 from trainer.plan.published import PUBLISHED, Published
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from trainer.config import CONFIG_ERRORS, ConfigError, RunConfig, describe, load
 from trainer.hardware import HardwareSpec, catalog
-from trainer.models.llama import ModelArgs, flops_per_token
+from trainer.models.shape import ModelArgs, flops_per_token
 from trainer.plan.calibration import Check, calibrate, summary
 from trainer.plan.planner import MeshPlan, plan
 

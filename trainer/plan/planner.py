@@ -426,9 +426,13 @@ def activation_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
 def logits_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
     """The loss's working set: the head's logits in the compute dtype, the fp32 copy
     cross_entropy works on (its log-softmax output, kept for backward) and that copy's gradient,
-    vocab_size values each per token. Counted unsplit by tp: the head's output is gathered
-    (Replicate) for a plain cross_entropy; a vocab-parallel loss would divide it by tp."""
-    per_token = facts.args.vocab_size * (w.compute + _FP32_LOSS_BYTES)
+    and under 16-bit compute the logits' own 16-bit gradient beside it, vocab_size values each
+    per token (measured: 12 bytes per token and vocabulary entry in fp32 and in bf16, by the
+    memory tracker on the real step, `trainer.validate_plan`). Counted unsplit by tp: the head's
+    output is gathered (Replicate) for a plain cross_entropy; a vocab-parallel loss would divide
+    it by tp."""
+    low_precision_grad = w.compute if w.compute < 4 else 0
+    per_token = facts.args.vocab_size * (w.compute + _FP32_LOSS_BYTES + low_precision_grad)
     return plan.tokens_per_microbatch * per_token
 
 
@@ -662,10 +666,13 @@ def _best(run: RunConfig, plans: list[MeshPlan]) -> MeshPlan:
         return min(feasible, key=preference)
     fixed = constraints(run)
     if not plans:
-        shown = " x ".join(f"{name}={size}" for name, size in fixed.items())
-        raise ConfigError(KEY.parallelism, shown,
+        name, size = next(iter(fixed.items()))
+        others = ", ".join(f"{getattr(KEY.parallelism, n)}={v}" for n, v in fixed.items()
+                           if n != name)
+        raise ConfigError(getattr(KEY.parallelism, name), size,
                           f"no mesh of {run.world_size} ranks (cluster.nodes x ranks per node) "
-                          f"has these dims; they must divide it")
+                          f"has it{' with ' + others if others else ''}; the fixed dims must "
+                          f"divide the world size")
     # the plan closest to running: right shape, least memory
     too_big = [p for p in plans if p.reason and p.reason.kind == "memory"] or plans
     leanest = min(too_big, key=lambda p: p.memory_bytes_per_rank)
