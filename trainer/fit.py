@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from trainer import checkpoint, tracking
 from trainer.config import ConfigError, RunConfig, locate
-from trainer.data import TokenDataModule
+from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
 from trainer.plan import MeshPlan, plan
@@ -91,21 +91,19 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
     if ckpt_path and trainer.is_global_zero:
         log.info("resuming from %s", ckpt_path)
-    status = "FAILED"
+    ended: BaseException | None = None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        status = "FINISHED" if not trainer.interrupted else "KILLED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        ended = exc
+        if isinstance(exc, SIGTERMException):
+            # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
+            # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
+            raise SystemExit(128 + signal.SIGTERM) from exc
         raise
-    except SIGTERMException as exc:
-        # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
-        # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
-        status = "KILLED"
-        raise SystemExit(128 + signal.SIGTERM) from exc
     finally:
         if track:
-            track.close(status)
+            track.close(tracking.status_for(ended, interrupted=trainer.interrupted))
     result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
     if trainer.is_global_zero:

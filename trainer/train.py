@@ -60,7 +60,7 @@ def _jobs(overrides: list[str], *, multirun: bool) -> list[list[str]]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float | None:
-    from trainer.data import DataError
+    from trainer.data.format import DataError
     from trainer.fit import check_launchable, fit
     from trainer.tracking import SweepInfo
 
