@@ -18,15 +18,15 @@ from typing import Any
 
 from trainer.data.corpus import default_corpus_dir, ensure_default_corpus, stdlib_sources
 from trainer.data.format import INDEX_FILE, DataError, read_index
-from trainer.data.reader import TokenShards
+from trainer.data.reader import TokenShards, dataset_vocab_size
 from trainer.data.writer import prepare, resolve_inputs
 
 _LAZY = {"Batch": "sampler", "TokenLoader": "sampler", "WindowSampler": "sampler",
          "TokenDataModule": "datamodule"}
 
 __all__ = ["INDEX_FILE", "Batch", "DataError", "TokenDataModule", "TokenLoader", "TokenShards",
-           "WindowSampler", "default_corpus_dir", "ensure_default_corpus", "prepare",
-           "read_index", "resolve_inputs", "stdlib_sources"]
+           "WindowSampler", "dataset_vocab_size", "default_corpus_dir", "ensure_default_corpus",
+           "prepare", "read_index", "resolve_inputs", "stdlib_sources"]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 TOKENIZERS = ("bytes", "ids")
 BYTES_SEPARATOR = 0xFF  # invalid anywhere in UTF-8, so it cannot collide with text
+BYTES_VOCAB_SIZE = 256  # the bytes tokenizer's ids, separator included
 UINT16_LIMIT = 1 << 16
 UINT32_LIMIT = 1 << 32
 

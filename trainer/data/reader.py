@@ -8,12 +8,16 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from trainer.data.format import DataError, cache_root, read_index
+from trainer.data.format import BYTES_VOCAB_SIZE, DataError, cache_root, read_index
+
+if TYPE_CHECKING:
+    from trainer.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -135,3 +139,11 @@ def _sha256_of(path: Path) -> str:
         while block := file.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def dataset_vocab_size(cfg: DataConfig) -> int:
+    """The vocabulary a run's dataset needs, from its index alone (no shard is read or copied):
+    the check a run makes before it starts. The built-in corpus is byte tokens."""
+    if cfg.path is None:
+        return BYTES_VOCAB_SIZE
+    return read_index(cfg.path, dict(cfg.storage_options))["vocab_size"]
