@@ -41,7 +41,8 @@ EXIT_CONFIG_ERROR = 2
 class ConfigError(ValueError):
     """A config value that is wrong in context: names the key, the value and what is allowed."""
 
-    def __init__(self, key: str, value: Any, allowed: str):
+    def __init__(self, key: str | KeyPath, value: Any, allowed: str):
+        key = str(key)
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r}: {allowed}")
 
@@ -224,6 +225,31 @@ class RunConfig:
     @property
     def uses_reference_model(self) -> bool:
         return self.model._target_ == ModelConfig._target_
+
+
+class KeyPath:
+    """Dotted config key names read off the schema, for modules that name a key in a message:
+    `KEY.tracking.fail_on_unreachable` is "tracking.fail_on_unreachable", `str(KEY.hardware)` is
+    "hardware", and a key the schema lacks is an AttributeError where it is written."""
+
+    def __init__(self, schema: type, path: str = ""):
+        self._schema, self._path = schema, path
+
+    def __getattr__(self, name: str) -> Any:
+        hints = typing.get_type_hints(self._schema)
+        if name.startswith("__") or name not in {f.name for f in dataclasses.fields(self._schema)}:
+            raise AttributeError(f"{self._path or 'the root config'} has no key {name!r}")
+        path = f"{self._path}.{name}" if self._path else name
+        return KeyPath(hints[name], path) if dataclasses.is_dataclass(hints[name]) else path
+
+    def __str__(self) -> str:
+        return self._path
+
+    def __repr__(self) -> str:
+        return f"KeyPath({self._path!r})"
+
+
+KEY: Any = KeyPath(RunConfig)
 
 
 def register_schema() -> None:

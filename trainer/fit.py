@@ -202,7 +202,8 @@ def _quiet_lightning() -> None:
 def _same_threads_on_every_rank(run: RunConfig) -> None:
     """Give every CPU rank the same intra-op thread count, exported before Lightning starts the
     other ranks: ranks that run different thread counts round differently, tensor-parallel ranks
-    drift apart by an ulp and a resumed run no longer matches (NOTES.md, exact resume)."""
+    drift apart by an ulp and a resumed run no longer matches the straight one (Lightning's
+    launcher leaves rank 0 at one thread after it starts the others)."""
     if run.hardware.device_type != "cpu" or run.ranks_per_node == 1:
         return
     threads = os.environ.setdefault(

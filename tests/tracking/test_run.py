@@ -359,7 +359,7 @@ def test_run_page_shows_the_loss_chart(finished_run: FinishedRun, mlflow_server:
     page = (f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
             "/model-metrics?workflowType=machine_learning")  # the UI's view for training runs
     screenshot = tmp_path / "run-page.png"
-    # flags from NOTES.md: with a smaller time budget the chart is still a spinner. The UI draws
+    # flags found by trial: with a smaller time budget the chart is still a spinner. The UI draws
     # only the chart groups in view and `train/` comes last of the trainer's four: a tall window.
     rendered = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

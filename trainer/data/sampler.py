@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.config import KEY
 from trainer.data.format import DataError
 from trainer.data.reader import TokenShards
 
@@ -44,7 +45,7 @@ class WindowSampler:
         if self.batches_per_epoch == 0:
             raise DataError(f"{self.num_windows} windows make no global batch of "
                             f"{self.batch_size} x {self.num_replicas} ranks; use more data, a "
-                            "shorter data.seq_len or a smaller data.micro_batch_size")
+                            f"shorter {KEY.data.seq_len} or a smaller {KEY.data.micro_batch_size}")
 
     @property
     def global_batch(self) -> int:
@@ -119,8 +120,8 @@ class TokenLoader:
             if state[key] != here[key]:
                 raise DataError(
                     f"the saved data position has {key}={state[key]} but this run has "
-                    f"{here[key]}; resuming needs the same dataset, data.seq_len, seed and "
-                    "micro_batch_size x data-parallel size")
+                    f"{here[key]}; resuming needs the same dataset, {KEY.data.seq_len}, "
+                    f"{KEY.seed} and {KEY.data.micro_batch_size} x data-parallel size")
         self.epoch, self.batches_consumed = state["epoch"], state["batches_consumed"]
 
 

@@ -15,8 +15,6 @@ if TYPE_CHECKING:
     from trainer.tracking.run import Tracking
 
 
-
-
 class TrackingLogger(Logger):
     """The Lightning face of `Tracking`: metrics go to its buffer, nothing else is sent."""
 

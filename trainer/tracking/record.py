@@ -39,7 +39,6 @@ class SweepInfo:
     job_num: int
 
 
-
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested mappings as one level of dotted keys; lists and empty mappings stay leaves."""
     flat: dict[str, Any] = {}

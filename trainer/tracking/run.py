@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 
+from trainer.config import KEY
 from trainer.tracking.lightning import RunContinuity, TrackingLogger
 from trainer.tracking.record import RunRecord, SweepInfo
 from trainer.tracking.redact import Redactor, redact_uri
@@ -36,10 +37,8 @@ CHECKPOINT_FLUSH_TIMEOUT_S = 10.0
 CLOSE_TIMEOUT_S = 60.0  # SLURM's and Kubernetes' default grace before SIGKILL is 30 s
 
 
-
-
 class Tracking:
-    """One attempt's link to its MLflow run. See the module docstring for the life cycle."""
+    """One attempt's link to its MLflow run. `trainer.tracking`'s docstring tells its life cycle."""
 
     def __init__(self, settings: TrackingConfig, uri: str, *, run_dir: Path,
                  client: MlflowClient | None = None, experiment_id: str | None = None,
@@ -338,8 +337,6 @@ class Tracking:
         self.close(status_at_exit(getattr(sys, "last_value", None)))
 
 
-
-
 def setup(run: RunConfig, *, run_dir: Path, resolved_config: Mapping[str, Any],
           overrides: list[str], mesh_shape: Mapping[str, int], rank: int,
           sweep: SweepInfo | None = None,
@@ -362,7 +359,7 @@ def setup(run: RunConfig, *, run_dir: Path, resolved_config: Mapping[str, Any],
         if settings.fail_on_unreachable:
             raise
         log.warning("MLflow tracking is off for this attempt: %s (training goes on; set "
-                    "tracking.fail_on_unreachable=true to stop instead)", exc)
+                    "%s=true to stop instead)", exc, KEY.tracking.fail_on_unreachable)
         return Tracking(settings, uri, run_dir=run_dir)
     record = RunRecord.build(run, resolved_config=resolved_config, overrides=overrides,
                              mesh_shape=mesh_shape, sweep=sweep, launch_artifact=launch_artifact,

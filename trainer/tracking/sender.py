@@ -19,7 +19,6 @@ RETRY_MAX_S = 30.0
 MAX_BUFFERED_METRICS = 1_000_000  # about 100 MB; past it the oldest points go
 
 
-
 def _is_permanent(exc: BaseException) -> bool:
     """A request the server rejected (4xx) fails the same way if retried; anything else (refused
     connection, timeout, 5xx, a locked SQLite file) may pass later."""
