@@ -58,8 +58,9 @@ def preflight(argv: list[str]) -> None:
 
 def jobs_to_check(overrides: list[str], *, multirun: bool) -> list[list[str]]:
     """The command lines preflight composes for `overrides`: each job of a plain list sweep (as
-    Hydra's basic sweeper would run them); otherwise one job per swept value, the other swept
-    keys at their first value, which checks every listed value without the cross product."""
+    Hydra's basic sweeper would run them, up to MAX_CHECKED_JOBS); otherwise (a sweeper plugin,
+    its syntax, or a larger sweep) one job per swept value with the other swept keys at their
+    first value, which checks every listed value without the cross product."""
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
