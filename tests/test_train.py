@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import require
 from mlflow.tracking import MlflowClient
 
 # Small enough to train in seconds on 2 cores, big enough for the loss to move.
@@ -198,7 +199,13 @@ def test_a_short_run_gets_a_short_warmup(tmp_path: Path):
 # --- Hydra's sweeper plugins ---------------------------------------------------------------------
 
 
+def need_optuna_sweeper() -> None:
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        require("hydra-optuna-sweeper", "pip install hydra-optuna-sweeper (in the dev extra)")
+
+
 def test_the_optuna_sweeper_runs_two_trials(tmp_path: Path):
+    need_optuna_sweeper()
     proc = subprocess.run(
         [sys.executable, "-m", "trainer", "--multirun", "hydra/sweeper=optuna",
          "optim.lr=interval(1e-4,1e-2)", "hydra.sweeper.n_trials=2", *SMALL,
@@ -215,6 +222,7 @@ def test_the_optuna_sweeper_runs_two_trials(tmp_path: Path):
 
 
 def test_a_plugin_search_space_outside_what_validation_allows_is_refused(tmp_path: Path):
+    need_optuna_sweeper()
     line = refused(tmp_path, "--multirun", "hydra/sweeper=optuna",
                    "optim.lr=interval(-1.0,-0.5)", "hydra.sweeper.n_trials=2")
     assert "optim.lr" in line
