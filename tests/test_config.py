@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from trainer.config import CONFIG_DIR, CONFIG_ERRORS, ConfigError, compose, describe, load, validate
 from trainer.train import preflight
@@ -156,3 +157,20 @@ def test_help_lists_the_config_groups(tmp_path: Path):
     for group in GROUPS:
         assert f"{group}:" in proc.stdout
 
+
+def test_key_names_come_from_the_schema():
+    from trainer.config import KEY
+
+    assert KEY.tracking.fail_on_unreachable == "tracking.fail_on_unreachable"
+    assert str(KEY.hardware) == "hardware" and KEY.seed == "seed"
+    # every key it names is one the composed config has
+    cfg = compose([])
+    assert OmegaConf.select(cfg, KEY.data.seq_len) == cfg.data.seq_len
+    with pytest.raises(AttributeError, match="seqlen"):
+        _ = KEY.data.seqlen
+
+
+def test_a_short_run_warms_up_for_a_share_of_it():
+    short = load(["trainer.max_steps=20"])  # refused while the default warmup was 20 steps
+    assert 0 < short.optim.warmup(short.trainer.max_steps) < short.trainer.max_steps
+    assert load(["optim.warmup_steps=7"]).optim.warmup(200) == 7

@@ -8,7 +8,7 @@ trainer.log_every_n_steps=1) and the weights from its final checkpoint (a file f
 torch.distributed.checkpoint directory for a mesh).
 
 The one-process reference reads micro_batch_size x dp rows per step; the data sampler hands each
-of dp ranks its share of the same global batch (trainer/data.py), so every run sees the same
+of dp ranks its share of the same global batch (trainer/data/sampler.py), so every run sees the same
 tokens each step.
 """
 

@@ -411,7 +411,9 @@ def test_cli_refuses_a_bad_plan_in_one_line_with_exit_2():
 def test_cli_refuses_a_bad_override_in_one_line(capsys):
     from trainer.plan.__main__ import main
 
-    assert main(["hardware=no_such_machine"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["hardware=no_such_machine"])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no_such_machine" in err
 

@@ -8,10 +8,12 @@ the semantic checks, raising `ConfigError` with the key, the value and what is a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,12 +30,18 @@ BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo"), "neuron": ("neuron", "xl
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 CLUSTER_KINDS = ("local", "slurm", "eks")
 TRACKING_BACKENDS = ("mlflow", "none")
+# With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
+# (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
+# default 200-step run always had.
+WARMUP_FRACTION = 0.1
+EXIT_CONFIG_ERROR = 2
 
 
 class ConfigError(ValueError):
     """A config value that is wrong in context: names the key, the value and what is allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str):
+        key = str(key)
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r}: {allowed}")
 
@@ -137,12 +145,19 @@ class OptimConfig:
     name: str = "adamw"
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio at max_steps
-    warmup_steps: int = 20
+    # null: WARMUP_FRACTION of trainer.max_steps
+    warmup_steps: Optional[int] = None
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+
+    def warmup(self, max_steps: int) -> int:
+        """The warmup steps of a run of `max_steps`: `warmup_steps`, or its share when null."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(max_steps * WARMUP_FRACTION)
 
 
 @dataclass
@@ -176,7 +191,6 @@ class ClusterConfig:
     name: str = "local"
     kind: str = "local"  # local | slurm | eks
     nodes: int = 1
-    options: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -289,6 +303,17 @@ def load(overrides: Sequence[str] = ()) -> RunConfig:
 
 # What a bad command line or config file raises: the entry points print these as one line, exit 2.
 CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
+
+
+@contextlib.contextmanager
+def exit_on_config_error(*also: type[BaseException]) -> Iterator[None]:
+    """A config error (or one of `also`, e.g. a missing dataset) raised inside becomes one line on
+    stderr and exit code 2: how every entry point reports bad input."""
+    try:
+        yield
+    except (*CONFIG_ERRORS, *also) as exc:
+        print(f"config error: {describe(exc)}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
 
 
 def describe(exc: BaseException) -> str:
@@ -437,11 +462,12 @@ def _check_optim(run: RunConfig) -> None:
     _positive("optim.lr", o.lr)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "must be between 0 and 1")
-    if o.warmup_steps < 0:
+    if o.warmup_steps is not None and o.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps", o.warmup_steps, "must be 0 or more")
-    if o.warmup_steps >= run.trainer.max_steps:
+    if o.warmup_steps is not None and o.warmup_steps >= run.trainer.max_steps:
         raise ConfigError("optim.warmup_steps", o.warmup_steps,
-                          f"must be less than trainer.max_steps={run.trainer.max_steps}")
+                          f"must be less than trainer.max_steps={run.trainer.max_steps} (or null: "
+                          f"{WARMUP_FRACTION:.0%} of it)")
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(o, key) < 1:
             raise ConfigError(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
@@ -497,3 +523,46 @@ def _check_plan(run: RunConfig) -> None:
         raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
     if p.pue < 1:
         raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")
+
+
+# Checks that need facts from outside the config (the environment, this machine, the dataset's
+# index): the caller gathers the facts, the keys are named here.
+
+
+def check_launchable(run: RunConfig, *, in_cluster: bool) -> None:
+    """What `python -m trainer` itself can start: one node (more go through `launch`)."""
+    if run.cluster.nodes > 1 and not in_cluster:
+        raise ConfigError("cluster.nodes", run.cluster.nodes,
+                          "a run of several nodes starts through `python -m launch` (SLURM, EKS) "
+                          "or torchrun on each node; `python -m trainer` alone runs one node")
+
+
+def check_drivable(run: RunConfig, *, cuda_devices: int, neuron_missing: str | None) -> None:
+    """Whether this machine can drive `run.hardware`: `cuda_devices` GPUs are visible and
+    `neuron_missing` says why TorchNeuron cannot be imported (None: it can). Planning needs none
+    of this (`python -m trainer.plan` plans a GPU cluster from a laptop); training does."""
+    hw = run.hardware
+    plan_hint = f"plan it here with `python -m trainer.plan hardware={hw.name}`"
+    if hw.device_type == "neuron" and hw.backend == "xla":
+        raise ConfigError("hardware", hw.name,
+                          f"{hw.name} trains only through the XLA path (torch-neuronx with "
+                          "PyTorch/XLA), which ultramesh does not implement yet; TorchNeuron "
+                          f"(backend neuron) starts at Trn2; {plan_hint}")
+    if hw.device_type == "neuron" and neuron_missing:
+        raise ConfigError("hardware", hw.name, neuron_missing)
+    if hw.device_type == "cuda" and cuda_devices == 0:
+        raise ConfigError("hardware", hw.name,
+                          "needs CUDA GPUs and torch sees none on this machine; run it on a GPU "
+                          f"node (`python -m launch`), or {plan_hint}")
+    if hw.device_type == "cuda" and cuda_devices < run.ranks_per_node:
+        raise ConfigError("trainer.devices", run.ranks_per_node,
+                          f"this machine has {cuda_devices} CUDA GPU(s); set trainer.devices to "
+                          f"at most {cuda_devices}")
+
+
+def check_dataset(run: RunConfig, *, vocab_size: int) -> None:
+    """The dataset's token ids (up to `vocab_size` - 1) must all have an embedding."""
+    if run.uses_reference_model and vocab_size > run.model.vocab_size:
+        raise ConfigError("model.vocab_size", run.model.vocab_size,
+                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
+                          f"{vocab_size - 1}; use a vocabulary of at least {vocab_size}")

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,13 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from trainer import checkpoint, tracking
-from trainer.config import ConfigError, RunConfig
-from trainer.data import TokenDataModule
+from trainer.config import RunConfig
+from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
 from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
-from trainer.plan import MeshPlan, plan
+from trainer.plan import MeshPlan
+from trainer.preflight import check_startable
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +40,19 @@ class FitResult:
 
 
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
-        sweep: tracking.SweepInfo | None = None) -> FitResult:
-    mesh_plan = plan(run)
+        sweep: tracking.SweepInfo | None = None,
+        callbacks: Sequence[pl.Callback] = ()) -> FitResult:
+    """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
+    mesh_plan = check_startable(run)  # again: callers may come in without preflight
     _quiet_lightning()
     _same_threads_on_every_rank(run)
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
     module = build_module(run, mesh_plan)
     data = TokenDataModule(run.data, seed=run.seed)
-    _check_data_fits_model(run, data)
+    # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
+    # fails its checksum) stop the run here with one line, before any process group exists.
+    data.setup()
 
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
@@ -57,12 +63,13 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         checkpoint.checkpoint_dir(run.checkpoint, run_dir), run.checkpoint.every_n_steps,
         run.checkpoint.keep_last, run.checkpoint.storage_options,
         on_saved=track.log_checkpoint if track else None)
-    callbacks: list[pl.Callback] = [monitor, saver]
+    every: list[pl.Callback] = [monitor, saver]
     if run.trainer.progress_bar:
-        callbacks.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
+        every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
                                                                   run.trainer.max_steps // 20)))
     if track:
-        callbacks += track.callbacks
+        every += track.callbacks
+    every += callbacks
 
     trainer = pl.Trainer(
         accelerator=_accelerator(run),
@@ -73,7 +80,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         max_steps=run.trainer.max_steps,
         accumulate_grad_batches=mesh_plan.accumulation,
         logger=track.logger if track else False,
-        callbacks=callbacks,
+        callbacks=every,
         default_root_dir=run_dir,
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by
         # global rank, wrong under tensor parallel) and its position is part of the checkpoint.
@@ -88,35 +95,24 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
     if ckpt_path and trainer.is_global_zero:
         log.info("resuming from %s", ckpt_path)
-    status = "FAILED"
+    ended: BaseException | None = None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        status = "FINISHED" if not trainer.interrupted else "KILLED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        ended = exc
+        if isinstance(exc, SIGTERMException):
+            # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
+            # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
+            raise SystemExit(128 + signal.SIGTERM) from exc
         raise
-    except SIGTERMException as exc:
-        # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
-        # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
-        status = "KILLED"
-        raise SystemExit(128 + signal.SIGTERM) from exc
     finally:
         if track:
-            track.close(status)
+            track.close(tracking.status_for(ended, interrupted=trainer.interrupted))
     result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
     if trainer.is_global_zero:
         _report(result, track)
     return result
-
-
-def _check_data_fits_model(run: RunConfig, data: TokenDataModule) -> None:
-    """Open the dataset before anything else starts: a missing or unreadable dataset, or token ids
-    the model has no embedding for, stop the run here with one line."""
-    if run.uses_reference_model and data.vocab_size > run.model.vocab_size:
-        raise ConfigError("model.vocab_size", run.model.vocab_size,
-                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
-                          f"{data.vocab_size - 1}; use a vocabulary of at least {data.vocab_size}")
 
 
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
@@ -167,7 +163,8 @@ def _quiet_lightning() -> None:
 def _same_threads_on_every_rank(run: RunConfig) -> None:
     """Give every CPU rank the same intra-op thread count, exported before Lightning starts the
     other ranks: ranks that run different thread counts round differently, tensor-parallel ranks
-    drift apart by an ulp and a resumed run no longer matches (NOTES.md, exact resume)."""
+    drift apart by an ulp and a resumed run no longer matches the straight one (Lightning's
+    launcher leaves rank 0 at one thread after it starts the others)."""
     if run.hardware.device_type != "cpu" or run.ranks_per_node == 1:
         return
     threads = os.environ.setdefault(
@@ -194,12 +191,3 @@ def _report(result: FitResult, track: tracking.Tracking | None) -> None:
         log.info("checkpoint: %s", result.checkpoint)
     if track is not None:
         log.info("MLflow run %s; see it with: %s", track.run_id, track.ui_hint)
-
-
-def check_launchable(run: RunConfig) -> None:
-    """What `python -m trainer` itself can start: one node (more go through `launch`)."""
-    in_cluster = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
-    if run.cluster.nodes > 1 and not in_cluster:
-        raise ConfigError("cluster.nodes", run.cluster.nodes,
-                          "a run of several nodes starts through `python -m launch` (SLURM, EKS) "
-                          "or torchrun on each node; `python -m trainer` alone runs one node")

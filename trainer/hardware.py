@@ -105,16 +105,5 @@ class HardwareSpec:
         """On-demand USD per node (instance) hour; None where no price is published."""
         return self.config.price_per_hour
 
-    def link_between(self, span_ranks: int, stride_ranks: int) -> Link:
-        """The slowest link a mesh dim crosses when its `span_ranks` members sit `stride_ranks`
-        apart in torchrun's node-major rank order."""
-        extent = (span_ranks - 1) * stride_ranks + 1
-        if span_ranks == 1 or extent <= self.ranks_per_node:
-            return "node"
-        if extent <= self.ranks_per_domain:
-            return "domain"
-        return "inter"
-
-
 def catalog() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "hardware").glob("*.yaml"))

@@ -11,7 +11,12 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer.config import CONFIG_ERRORS, RunConfig, compose, describe, validate
+from trainer.config import (
+    RunConfig,
+    compose,
+    exit_on_config_error,
+    validate,
+)
 from trainer.hardware import GIB
 from trainer.plan.planner import MESH_DIMS, MeshPlan, RunFacts, all_candidates, plan, preference
 
@@ -41,8 +46,6 @@ examples:
 
 A plan that cannot run prints one line on stderr and exits with status 2."""
 
-EXIT_CONFIG_ERROR = 2
-
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -55,24 +58,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     show_all = "--all" in args
     overrides = [a for a in args if a != "--all"]
-    try:
+    with exit_on_config_error():
         run = validate(compose(overrides))
         plans = sorted(all_candidates(RunFacts.of(run)),
                        key=lambda p: (not p.feasible, preference(p)))
         chosen = plan(run)
-    except CONFIG_ERRORS as exc:
-        print(f"config error: {describe(exc)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
     print_table(run, plans, chosen, show_all=show_all)
     if run.plan.validate:
         # torch and a fake process group: only when asked for, after the table is out
         from trainer.validate_plan import validate as validate_plan
 
-        try:
+        with exit_on_config_error():
             print(validate_plan(run, chosen).render())
-        except CONFIG_ERRORS as exc:
-            print(f"config error: {describe(exc)}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
     if run.plan.output:
         write_json(run, chosen, Path(run.plan.output))
         print(f"wrote {run.plan.output}")
