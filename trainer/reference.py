@@ -94,6 +94,8 @@ def type_name(hint: Any) -> str:
         return f"map {type_name(args[0])} to {type_name(args[1])}" if args else "map"
     if origin in (list, tuple):
         return f"list of {type_name(args[0])}" if args else "list"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
     if hint is Any:
         return "any"
     return getattr(hint, "__name__", str(hint))
@@ -282,27 +284,36 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+def _sections(cls: type, prefix: str = "") -> Iterator[tuple[str, type]]:
+    """`cls` and every dataclass nested in it, each with the dotted prefix of its keys."""
+    yield prefix, cls
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _sections(hints[f.name], f"{prefix}{f.name}.")
+
+
 def keys() -> list[Key]:
     composed = OmegaConf.to_container(compose([]), resolve=False, throw_on_missing=False)
     assert isinstance(composed, dict)
     files = config_files()
+    sections = list(_sections(RunConfig))
     allowed: dict[str, list[str]] = {}
-    sections = [("", RunConfig), *((f"{g}.", cls) for g, cls in _groups().items())]
-    for cls in {id(c): c for _, c in sections}.values():
-        for key, texts in allowed_values(cls.__module__).items():
+    for module in dict.fromkeys(cls.__module__ for _, cls in sections):
+        for key, texts in allowed_values(module).items():
             allowed.setdefault(key, []).extend(t for t in texts if t not in allowed.get(key, []))
     result = []
     for prefix, cls in sections:
         hints = typing.get_type_hints(cls)
         meanings = field_comments(cls)
-        node: Any = composed.get(prefix.rstrip("."), {}) if prefix else composed
+        node: Any = composed
+        for part in prefix.split(".")[:-1]:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 continue
             path = f"{prefix}{f.name}"
-            extra = []
-            if hints[f.name] is bool:
-                extra = ["true, false"]
+            extra = ["true, false"] if hints[f.name] is bool else []
             result.append(Key(
                 path=path, type=type_name(hints[f.name]),
                 default=_value(node.get(f.name, MISSING) if isinstance(node, dict) else MISSING),
