@@ -45,7 +45,7 @@ class HardwareConfig:
 
     name: str = MISSING  # the catalog entry; part of the default MLflow run name
     description: str = ""  # one line for people: chips, memory, links
-    device_type: str = MISSING  # cpu | cuda | neuron
+    device_type: str = MISSING  # the torch device the ranks use: cpu | cuda | neuron
     backend: str = MISSING  # process-group backend: gloo | nccl | neuron
     instance_type: str = MISSING  # EC2 instance type of one node, e.g. p5.48xlarge; "local" on cpu
     chips_per_node: int = MISSING  # accelerator chips (GPUs, Trainium chips) in one node
