@@ -101,7 +101,8 @@ def runnable(argv: list[str], workdir: Path) -> list[str]:
     """The command as the test runs it, with FAST appended where it trains. `make train` runs the
     repository's Makefile from the test's directory against this interpreter's environment;
     `-o` holds back its install step, which would otherwise pip-install into the environment
-    running this test."""
+    running this test. Any other command (a new module's, e.g. `python -m launch ...`) runs as
+    written; one that needs a shortcut of its own gets it here, with the reason."""
     if argv[:2] == ["make", "train"]:
         venv = Path(sys.prefix)
         extra = " ".join(a for a in argv[2:] if a.startswith("ARGS="))
