@@ -139,6 +139,21 @@ def test_documented_command_runs(page: str, argv: list[str], tmp_path: Path):
         assert list(tmp_path.glob("*/**/step-00000002.ckpt")), output[-4000:]
 
 
+@pytest.mark.slow
+def test_the_api_pages_example_trains(tmp_path: Path):
+    """The Python example at the top of docs/api.md, run as the script a reader would paste."""
+    blocks = fenced((ROOT / "docs" / "api.md").read_text(), ("python",))
+    assert blocks
+    script = tmp_path / "example.py"
+    script.write_text(blocks[0])
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loss, checkpoint = proc.stdout.splitlines()[-1].split()
+    assert 0 < float(loss) < 6  # byte-level text starts near ln 256 = 5.5 nats
+    assert Path(checkpoint).exists() and Path(checkpoint).is_relative_to(tmp_path)
+
+
 # ---- Troubleshooting: each `$ command` prints the lines shown under it -----------------------
 
 def troubleshooting_examples() -> list[tuple[str, list[str]]]:
