@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check --quiet
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install dev train test lint bench system-deps clean
+.PHONY: install dev train test lint bench docs reference system-deps clean
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -45,5 +45,13 @@ lint: dev
 bench: dev
 	$(PY) bench/overhead.py
 
+# The manual (docs/, mkdocs.yml) into site/; --strict turns a broken link or anchor into an error.
+docs: dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# docs/reference/configuration.md from trainer/config.py and configs/ (tests fail when it is stale).
+reference: install
+	$(PY) -m trainer.reference
+
 clean:
-	rm -rf outputs multirun mlflow.db mlruns .pytest_cache
+	rm -rf outputs multirun mlflow.db mlruns .pytest_cache site

@@ -50,24 +50,25 @@ class ConfigError(ValueError):
 class HardwareConfig:
     """One entry of the hardware catalog (`configs/hardware/*.yaml`). Figures are per chip."""
 
-    name: str = MISSING
-    description: str = ""
-    device_type: str = MISSING  # cpu | cuda | neuron
+    name: str = MISSING  # the catalog entry; part of the default MLflow run name
+    description: str = ""  # one line for people: chips, memory, links
+    device_type: str = MISSING  # the torch device the ranks use: cpu | cuda | neuron
     backend: str = MISSING  # process-group backend: gloo | nccl | neuron
-    instance_type: str = MISSING
-    chips_per_node: int = MISSING
+    instance_type: str = MISSING  # EC2 instance type of one node, e.g. p5.48xlarge; "local" on cpu
+    chips_per_node: int = MISSING  # accelerator chips (GPUs, Trainium chips) in one node
     ranks_per_chip: int = 1  # logical NeuronCores per chip on Trainium, 1 for a GPU
     nodes_per_domain: int = 1  # nodes in one high-bandwidth domain (UltraServer, NVLink domain)
-    memory_gib_per_chip: float = MISSING
-    memory_bw_gbs: float = MISSING  # GB/s
-    peak_tflops_bf16: float = MISSING  # dense
-    peak_tflops_fp8: Optional[float] = None  # dense; null where not published
+    memory_gib_per_chip: float = MISSING  # device memory (HBM) per chip, GiB
+    memory_bw_gbs: float = MISSING  # device memory bandwidth per chip, GB/s
+    peak_tflops_bf16: float = MISSING  # dense bf16 TFLOP/s per chip; MFU is measured against it
+    peak_tflops_fp8: Optional[float] = None  # dense fp8 TFLOP/s per chip; null where unpublished
     intra_node_bw_gbs: float = MISSING  # GB/s per chip, one direction, to chips of its node
     intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to its domain's nodes
     efa_bw_gbps: float = 0.0  # Gbit/s per node over EFA, the inter-domain link
-    efa_interfaces: int = 0
-    launch_env: dict[str, str] = field(default_factory=dict)
-    k8s_resources: dict[str, int] = field(default_factory=dict)  # per node
+    efa_interfaces: int = 0  # EFA network interfaces per node (0: no inter-node link)
+    launch_env: dict[str, str] = field(default_factory=dict)  # exported on every node at launch
+    # Kubernetes extended resources one node asks for (devices, EFA interfaces)
+    k8s_resources: dict[str, int] = field(default_factory=dict)
     # Power and price, read by `python -m trainer.plan compare`. null where not published: shown
     # as nf and never guessed; a user who knows the figure supplies it (hardware.power_w=...).
     power_w: Optional[float] = None  # W per chip: the vendor's TDP / board power
@@ -88,32 +89,34 @@ class ModelConfig:
     shape keys; any other class is instantiated with `kwargs` and nothing else.
     """
 
-    _target_: str = "trainer.module.LanguageModel"
-    name: str = "tiny"
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    vocab_size: int = 256
-    ffn_dim: int = 768
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    _target_: str = "trainer.module.LanguageModel"  # dotted path of the LightningModule class
+    name: str = "tiny"  # the preset; part of the default MLflow run name
+    dim: int = 256  # width of the residual stream (hidden size)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # attention (query) heads; dim / n_heads is the head size
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention); divides n_heads
+    vocab_size: int = 256  # token ids the embedding and output head cover (256: bytes)
+    ffn_dim: int = 768  # hidden size of the SwiGLU feed-forward block
+    max_seq_len: int = 256  # longest sequence the rotary tables are built for
+    rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
+    norm_eps: float = 1e-5  # epsilon of RMSNorm
+    tie_embeddings: bool = False  # the output head shares the token embedding's weights
+    # keyword arguments for a user's `_target_` class (the reference decoder ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"
+    name: str = "stdlib"  # the option: stdlib (built in) or shards (yours)
     # fsspec URL of a directory of token shards (see `python -m trainer.data prepare`);
     # null means the built-in corpus, prepared from Python's standard library on first use.
     path: Optional[str] = None
-    seq_len: int = 256
-    micro_batch_size: int = 8
+    seq_len: int = 256  # tokens per sample; at most model.max_seq_len
+    micro_batch_size: int = 8  # samples per rank per forward/backward pass
     # null: micro_batch_size x data-parallel size (no gradient accumulation)
     global_batch_size: Optional[int] = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
+    # fsspec options for `path`, e.g. endpoint_url for an S3-compatible store
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,30 +130,31 @@ class ParallelismConfig:
     size. activation_checkpointing: null lets auto decide (off in an explicit plan).
     """
 
-    name: str = "auto"
-    dp_replicate: Optional[int] = None
-    dp_shard: Optional[int] = None
-    cp: Optional[int] = None
-    tp: Optional[int] = None
-    sequence_parallel: bool = False
+    name: str = "auto"  # the preset; `auto` lets the planner choose the dims left null
+    dp_replicate: Optional[int] = None  # full replicas of the model; gradients all-reduced
+    dp_shard: Optional[int] = None  # FSDP2: parameters, gradients, optimizer state split
+    cp: Optional[int] = None  # context parallel (not implemented yet: 1 or null)
+    tp: Optional[int] = None  # tensor parallel: each matmul split over these ranks, in a node
+    sequence_parallel: bool = False  # with tp: norms and residual stream split by sequence
+    # recompute each block in backward to save memory (null: the planner decides)
     activation_checkpointing: Optional[bool] = None
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (inductor; backend "neuron" on Trainium)
     # dtype FSDP2 all-gathers parameters and reduces gradients in (null: the parameter dtype)
     param_dtype: Optional[str] = None
-    reduce_dtype: Optional[str] = None
+    reduce_dtype: Optional[str] = None  # dtype of FSDP2 gradient reduction (null: param_dtype)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-4
+    name: str = "adamw"  # the preset (AdamW is the one optimizer)
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
     min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio at max_steps
-    # null: WARMUP_FRACTION of trainer.max_steps
+    # linear warmup to lr over this many steps; null: WARMUP_FRACTION of trainer.max_steps
     warmup_steps: Optional[int] = None
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW decay, on matrices only (not norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
 
     def warmup(self, max_steps: int) -> int:
@@ -162,49 +166,51 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    name: str = "local"
+    name: str = "local"  # the preset
     # fsspec URL or path; a relative path is under the run's output directory
     dir: str = "checkpoints"
-    every_n_steps: int = 100
-    keep_last: int = 2
+    every_n_steps: int = 100  # save every N optimizer steps and at the last; 0: the last only
+    keep_last: int = 2  # committed checkpoints kept under `dir`; older ones are deleted
     # null: start fresh; "last": newest committed checkpoint under `dir`; or a checkpoint's URL
     resume: Optional[str] = None
+    # fsspec options for `dir`, e.g. endpoint_url for an S3-compatible store
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TrackingConfig:
-    name: str = "mlflow"
+    name: str = "mlflow"  # the preset: mlflow or none
     backend: str = "mlflow"  # mlflow | none
     # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     uri: Optional[str] = None
-    experiment: str = "ultramesh"
-    run_name: Optional[str] = None
-    log_every_n_steps: int = 1
-    system_metrics: bool = False
+    experiment: str = "ultramesh"  # MLflow experiment the run goes in (created if missing)
+    run_name: Optional[str] = None  # null: <model>-<hardware>-<world size>r
+    log_every_n_steps: int = 1  # send at most one point every N steps
+    system_metrics: bool = False  # MLflow's CPU/memory/disk/network (and GPU) sampler
     # an unreachable server at start: a warning and training goes on, unless this is true
     fail_on_unreachable: bool = False
 
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"
+    name: str = "local"  # the preset
     kind: str = "local"  # local | slurm | eks
-    nodes: int = 1
+    nodes: int = 1  # nodes (machines) of the job; world size = nodes x ranks per node
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # optimizer steps to train; the LR schedule ends here
     # ranks per node; null: the hardware's (chips_per_node x ranks_per_chip), 1 on cpu
     devices: Optional[int] = None
-    precision: str = "32-true"
-    log_every_n_steps: int = 10
-    progress_bar: bool = True
+    precision: str = "32-true"  # Lightning precision: parameters and autocast dtype
+    log_every_n_steps: int = 10  # a progress line and a metrics point every N steps
+    progress_bar: bool = True  # progress (loss, tok/s, MFU): a bar on a terminal, else log lines
 
 
 @dataclass
 class PlanConfig:
+    # `python -m trainer.plan`: also build the chosen mesh at full size on a fake process group
     validate: bool = False
     output: Optional[str] = None  # write the chosen plan as JSON here
     # The step-time model's assumptions (trainer/plan/planner.py step_time). Sources of the
@@ -239,7 +245,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    seed: int = 1234
+    seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
     def ranks_per_node(self) -> int:
