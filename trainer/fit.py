@@ -25,6 +25,7 @@ from trainer.data import TokenDataModule
 from trainer.hardware import HardwareSpec
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
 from trainer.plan import MeshPlan, plan
+from trainer.preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,16 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
 
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
-                           rank=_global_rank(run), sweep=sweep)
+                           rank=_global_rank(run), sweep=sweep,
+                           launch_artifact=_launch_artifact(run))
     monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
     saver = checkpoint.PeriodicCheckpoint(
         checkpoint.checkpoint_dir(run.checkpoint, run_dir), run.checkpoint.every_n_steps,
         run.checkpoint.keep_last, run.checkpoint.storage_options,
         on_saved=track.log_checkpoint if track else None)
-    callbacks: list[pl.Callback] = [monitor, saver]
+    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
+    callbacks: list[pl.Callback] = [monitor, saver, preemption]
     if run.trainer.progress_bar:
         callbacks.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
                                                                   run.trainer.max_steps // 20)))
@@ -94,7 +97,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     status = "FAILED"
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        status = "FINISHED" if not trainer.interrupted else "KILLED"
+        status = "KILLED" if trainer.interrupted or preemption.stopped else "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -111,6 +114,12 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     if trainer.is_global_zero:
         _report(result, track)
     return result
+
+
+def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
+    """The job file `python -m launch` rendered for this run (tracking logs it, redacted)."""
+    path = Path(run.launch.rendered) if run.launch.rendered else None
+    return (path.name, path.read_text()) if path and path.is_file() else None
 
 
 def _check_data_fits_model(run: RunConfig, data: TokenDataModule) -> None:
