@@ -25,7 +25,7 @@ from trainer.data import TokenDataModule
 from trainer.hardware import HardwareSpec
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
 from trainer.plan import MeshPlan, plan
-from trainer.preemption import Preemption
+from trainer.preemption import Preemption, isolate_restart_attempts
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     run = with_plan(run, mesh_plan)
     _quiet_lightning()
     _same_threads_on_every_rank(run)
+    isolate_restart_attempts()
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
     module = build_module(run)

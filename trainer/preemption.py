@@ -7,10 +7,13 @@ would run collectives from an arbitrary point of the step and can hang or tear a
 on the flag, the periodic checkpoint callback saves synchronously, rank 0 requeues the SLURM job
 (at most `cluster.max_requeues` times) and the trainer stops. The requeued job resumes from that
 checkpoint (`checkpoint.resume=last`), and the run id inside it continues the same MLflow run.
+
+Restarts by torchrun (`--max-restarts`) need one more thing, `isolate_restart_attempts`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -85,3 +88,33 @@ class Preemption(pl.Callback):
         log.warning("SLURM job %s requeued (requeue %d of at most %d); it resumes from this "
                     "checkpoint", job, done + 1, self.max_requeues)
         return True
+
+
+def isolate_restart_attempts() -> None:
+    """Give each torchrun restart its own key space in the agent's store.
+
+    torchrun's workers join the process group through the agent's TCPStore, which outlives a
+    restart, and torch adds no per-attempt prefix (`torch.distributed.rendezvous`: "We create a
+    new TCPStore for every retry", which the c10d agent no longer does). A rank that starts its
+    second attempt before its peers then reads their first attempt's addresses and gloo fails
+    with "connection refused". Wrapping the env:// rendezvous keeps every attempt apart; the
+    handler table is private, so this is guarded and does nothing where it changed.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    from torch.distributed import PrefixStore
+
+    # the module, not the function of the same name that torch.distributed exports
+    rdzv = importlib.import_module("torch.distributed.rendezvous")
+    handlers = getattr(rdzv, "_rendezvous_handlers", None)
+    original = handlers.get("env") if isinstance(handlers, dict) else None
+    if original is None or getattr(original, "ultramesh_attempts", False):
+        return
+    prefix = f"ultramesh/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+    def per_attempt(*args: Any, **kwargs: Any):
+        for store, rank, world_size in original(*args, **kwargs):
+            yield PrefixStore(prefix, store), rank, world_size
+
+    per_attempt.ultramesh_attempts = True  # type: ignore[attr-defined]
+    handlers["env"] = per_attempt
