@@ -82,9 +82,29 @@ def _dns_name(text: str) -> str:
     return out[:52].rstrip("-")  # room for suffixes a controller adds (-node-0-0, -worker-12)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block YAML a person reads: no anchors for repeated values, scripts as `|` blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    style = "|" if "\n" in text and not any(line != line.rstrip() for line in text.split("\n")) \
+        else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(value: Any) -> str:
+    return yaml.dump(value, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
+
+
 def _to_yaml(value: Any, indent: int = 0) -> str:
     """A nested value as block YAML, indented to sit under a key at `indent` columns."""
-    text = yaml.safe_dump(value, sort_keys=False, default_flow_style=False, width=100).rstrip()
+    text = to_yaml(value).rstrip()
     pad = " " * indent
     return "\n".join(pad + line if line else line for line in text.splitlines())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.launch.helpers import SMALL, committed_step, launch, losses, run_id
+from tests.launch.slurm_cluster import slurm  # noqa: F401 (the session fixture)
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 420

@@ -1,4 +1,4 @@
-"""A real two-node SLURM cluster on this machine (Debian's slurm-wlm 22.05, `make system-deps`).
+"""The `slurm` fixture: a real two-node SLURM cluster on this machine (Debian's slurm-wlm 22.05, `make system-deps`).
 
 munged, slurmctld and two slurmd "nodes" (n1, n2) share this host: same address, distinct ports,
 `%n` in every per-node path (NOTES.md, "Two SLURM nodes on one host"). Started once per session;
