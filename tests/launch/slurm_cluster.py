@@ -1,4 +1,4 @@
-"""The `slurm` fixture: a real two-node SLURM cluster on this machine (Debian's slurm-wlm 22.05, `make system-deps`).
+"""A real two-node SLURM cluster on this machine (Debian's slurm-wlm 22.05, `make system-deps`).
 
 munged, slurmctld and two slurmd "nodes" (n1, n2) share this host: same address, distinct ports,
 `%n` in every per-node path (NOTES.md, "Two SLURM nodes on one host"). Started once per session;
@@ -82,8 +82,9 @@ def _munge_running() -> bool:
     return subprocess.run(["munge", "-n"], capture_output=True, check=False).returncode == 0
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
+def start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
+    """Start the daemons, yield the cluster once both nodes are idle, stop them afterwards.
+    For a session fixture (`yield from start(...)`)."""
     for exe in ("slurmctld", "slurmd", "munged", "sbatch"):
         if shutil.which(exe) is None and not Path(f"/usr/sbin/{exe}").exists():
             require("SLURM", f"{exe} not found (make system-deps installs slurm-wlm and munge)")

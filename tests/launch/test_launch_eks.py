@@ -121,7 +121,7 @@ def test_a_field_the_model_does_not_know_is_caught(manifests):
     for kind, where in (("trainjob", "trainer"), ("pytorchjob", "runPolicy")):
         doc = next(yaml.safe_load_all(manifests[("h100x2", kind)]))
         doc["spec"][where]["podTemplateOverrides"] = {"spec": {"nodeSelector": {"a": "b"}}}
-        assert ".spec.{}.podTemplateOverrides.spec.nodeSelector.a".format(where) in \
+        assert f".spec.{where}.podTemplateOverrides.spec.nodeSelector.a" in \
             lost_in_round_trip(doc)
 
 

@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.launch.helpers import SMALL, committed_step, launch, losses, run_id
-from tests.launch.slurm_cluster import slurm  # noqa: F401 (the session fixture)
+from tests.launch.slurm_cluster import start
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    yield from start(tmp_path_factory)
 
 
 def slurm_args(slurm, run_dir: Path, mlflow_server: str) -> list[str]:
