@@ -41,7 +41,7 @@ test: dev system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: dev
-	$(VENV)/bin/ruff check trainer launch tests bench
+	$(VENV)/bin/ruff check trainer launch tests bench hydra_plugins
 
 bench: dev
 	$(PY) bench/overhead.py

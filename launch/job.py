@@ -25,7 +25,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPO_DIR = Path(__file__).resolve().parents[1]
 # launch.* keys steer the launcher; the trainer only needs the one the launcher sets itself.
 _LAUNCHER_ONLY = ("launch.dry_run", "launch.max_restarts", "launch.run_dir", "launch.wait",
-                  "launch.rendered")
+                  "launch.rendered", "hydra.")
 
 
 @dataclass

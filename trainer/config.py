@@ -196,6 +196,9 @@ class LaunchConfig:
     wait: bool = False  # SLURM/EKS: wait for the job to end and report its MLflow run
     # set by the launcher: the rendered job file, logged (redacted) to the MLflow run
     rendered: Optional[str] = None
+    # set by the sweep launcher (hydra/launcher=slurm|eks): one MLflow parent run per sweep dir
+    sweep_dir: Optional[str] = None
+    job_num: int = 0
 
 
 @dataclass

@@ -51,6 +51,8 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     data = TokenDataModule(run.data, seed=run.seed)
     _check_data_fits_model(run, data)
 
+    if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
+        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
                            rank=_global_rank(run), sweep=sweep,

@@ -1,17 +1,20 @@
-"""`python -m launch cluster=slurm` on a real two-node SLURM cluster (tests/launch/conftest.py):
-a job that trains FSDP across both nodes, and one preempted mid-run that checkpoints, requeues,
-resumes and finishes as the same MLflow run with the losses of the uninterrupted one."""
+"""`python -m launch cluster=slurm` on a real two-node SLURM cluster (slurm_cluster.py): a job
+that trains FSDP across both nodes; one preempted mid-run that checkpoints, requeues, resumes and
+finishes as the same MLflow run with the losses of the uninterrupted one; and a Hydra sweep
+submitted through hydra/launcher=slurm."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.launch.helpers import SMALL, committed_step, launch, losses, run_id
+from tests.launch.helpers import REPO, SMALL, committed_step, env, launch, losses, run_id
 from tests.launch.slurm_cluster import start
 
 pytestmark = pytest.mark.slow
@@ -115,3 +118,31 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_as_the_same_run(
     assert run.data.tags["attempt"] == "2"
     assert run.data.tags["slurm.restart_count"] == "1"
     assert losses(client, first_run) == uninterrupted.losses
+
+
+def test_a_sweep_submits_one_job_per_combination_as_children_of_one_run(
+        slurm, mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    sweep_dir = tmp_path / "sweep"
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer", "--multirun", "hydra/launcher=slurm", "cluster=slurm",
+         f"cluster.partition={slurm.partition}", "trainer.max_steps=4", "optim.warmup_steps=1",
+         "data.seq_len=64", f"tracking.uri={mlflow_server}", "tracking.experiment=launch-sweep",
+         "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep_dir}"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = re.findall(r"submitted SLURM job (\d+)", done.stdout)
+    assert len(jobs) == 2
+    for job in jobs:
+        _wait(f"job {job}", lambda job=job: slurm.state(job) in ("COMPLETED", "FAILED", "GONE"),
+              slurm)
+        assert slurm.state(job) == "COMPLETED"
+    client = MlflowClient(mlflow_server)
+    children = [client.get_run(run_id(sweep_dir / str(n))) for n in (0, 1)]
+    parents = {c.data.tags["mlflow.parentRunId"] for c in children}
+    assert len(parents) == 1
+    parent = client.get_run(parents.pop())
+    assert parent.data.tags["sweep.parent"] == "true"
+    assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1e-3, 3e-3]
+    assert all(c.info.status == "FINISHED" for c in children)
