@@ -505,9 +505,11 @@ def time_limit_seconds(text: str) -> int:
     HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
     allowed = "a time sbatch --time accepts: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS"
     text = str(text).strip()
-    days, _, rest = text.rpartition("-") if "-" in text else ("", "", text)
+    has_days = "-" in text
+    days, _, rest = text.partition("-") if has_days else ("", "", text)
     parts = rest.split(":")
-    if (days and not days.isdigit()) or not all(p.isdigit() for p in parts) or len(parts) > 3:
+    if (has_days and not days.isdigit()) or not all(p.isdigit() for p in parts) \
+            or len(parts) > 3:
         raise ConfigError("cluster.time_limit", text, allowed)
     nums = [int(p) for p in parts]
     if days:  # D-HH[:MM[:SS]]
