@@ -69,5 +69,6 @@ def test_the_sbatch_script_asks_for_what_the_config_says():
         assert f"\n{line}\n" in text, line
     assert "--container-image=nvcr.io/x:1" in text
     assert "--rdzv_backend=c10d" in text and '--rdzv_id="$SLURM_JOB_ID"' in text
+    assert "RDZV_PORT=$(( 29500 + SLURM_JOB_ID % 1000 ))" in text
     assert "checkpoint.resume=last" in text and "hydra.run.dir=/shared/run" in text
     assert "launch.dry_run" not in text  # launcher-only keys stay with the launcher
