@@ -29,6 +29,7 @@ DEVICE_TYPES = ("cpu", "cuda", "neuron")
 BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo"), "neuron": ("neuron", "xla")}
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 CLUSTER_KINDS = ("local", "slurm", "eks")
+EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
 # With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
 # (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
@@ -193,9 +194,45 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
+    """Where `python -m launch` sends the run (`configs/cluster/`; docs/launch.md)."""
+
     name: str = "local"  # the preset
     kind: str = "local"  # local | slurm | eks
     nodes: int = 1  # nodes (machines) of the job; world size = nodes x ranks per node
+    # container image: optional on SLURM (pyxis/enroot --container-image), required on EKS
+    image: Optional[str] = None
+    # SLURM
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: str = "01:00:00"  # sbatch --time: minutes, [D-]HH:MM:SS, MM:SS
+    preempt_warning_s: int = 120  # USR1 this long before the time limit (--signal=B:USR1@N)
+    max_requeues: int = 3  # a job that keeps being preempted stops requeueing after this many
+    chain: int = 1  # jobs chained with --dependency=afterany, for runs past the partition limit
+    rdzv_port: int = 29500
+    # EKS
+    job_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob | job (Indexed Job)
+    namespace: Optional[str] = None
+    runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
+    service_account: Optional[str] = None  # S3 and MLflow credentials via IRSA / Pod Identity
+    queue: Optional[str] = None  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
+    shm_gib: int = 64  # memory-backed /dev/shm for data-loader workers and NCCL
+
+
+@dataclass
+class LaunchConfig:
+    """What `python -m launch` does with the rendered job; the trainer only reads `rendered`."""
+
+    dry_run: bool = False  # print the job, submit nothing
+    max_restarts: int = 0  # torchrun --max-restarts (cluster=local)
+    # where the run's outputs, checkpoints and the rendered job go; null: outputs/launch/<time>
+    run_dir: Optional[str] = None
+    wait: bool = False  # SLURM/EKS: wait for the job to end and report its MLflow run
+    # set by the launcher: the rendered job file, logged (redacted) to the MLflow run
+    rendered: Optional[str] = None
+    # set by the sweep launcher (hydra/launcher=slurm|eks): one MLflow parent run per sweep dir
+    sweep_dir: Optional[str] = None
+    job_num: int = 0
 
 
 @dataclass
@@ -245,6 +282,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
@@ -518,6 +556,43 @@ def _check_cluster(run: RunConfig) -> None:
     c = run.cluster
     _one_of("cluster.kind", c.kind, CLUSTER_KINDS)
     _positive("cluster.nodes", c.nodes)
+    _one_of("cluster.job_kind", c.job_kind, EKS_JOB_KINDS)
+    time_limit_seconds(c.time_limit)
+    for key in ("preempt_warning_s", "max_requeues"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), "must be 0 or more")
+    _positive("cluster.chain", c.chain)
+    _positive("cluster.shm_gib", c.shm_gib)
+    if not 0 < c.rdzv_port < 65536:
+        raise ConfigError("cluster.rdzv_port", c.rdzv_port, "must be a TCP port, 1-65535")
+    if run.launch.max_restarts < 0:
+        raise ConfigError("launch.max_restarts", run.launch.max_restarts, "must be 0 or more")
+
+
+def time_limit_seconds(text: str) -> int:
+    """`cluster.time_limit` in seconds, read the way sbatch --time reads it: minutes, MM:SS,
+    HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    allowed = "a time sbatch --time accepts: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS"
+    text = str(text).strip()
+    has_days = "-" in text
+    days, _, rest = text.partition("-") if has_days else ("", "", text)
+    parts = rest.split(":")
+    if (has_days and not days.isdigit()) or not all(p.isdigit() for p in parts) \
+            or len(parts) > 3:
+        raise ConfigError("cluster.time_limit", text, allowed)
+    nums = [int(p) for p in parts]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, s = [*nums, 0, 0][:3]
+        seconds = int(days) * 86400 + h * 3600 + m * 60 + s
+    elif len(nums) == 1:
+        seconds = nums[0] * 60
+    elif len(nums) == 2:
+        seconds = nums[0] * 60 + nums[1]
+    else:
+        seconds = nums[0] * 3600 + nums[1] * 60 + nums[2]
+    if seconds <= 0:
+        raise ConfigError("cluster.time_limit", text, "must be longer than zero; " + allowed)
+    return seconds
 
 
 def _check_plan(run: RunConfig) -> None:

@@ -26,6 +26,7 @@ from trainer.hardware import HardwareSpec
 from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
 from trainer.plan import MeshPlan
+from trainer.preemption import Preemption, isolate_restart_attempts
 from trainer.preflight import check_startable
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     mesh_plan = check_startable(run)  # again: callers may come in without preflight
     _quiet_lightning()
     _same_threads_on_every_rank(run)
+    isolate_restart_attempts()
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
     module = build_module(run, mesh_plan)
@@ -54,16 +56,20 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     # fails its checksum) stop the run here with one line, before any process group exists.
     data.setup()
 
+    if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
+        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
-                           rank=_global_rank(run), sweep=sweep)
+                           rank=_global_rank(run), sweep=sweep,
+                           launch_artifact=_launch_artifact(run))
     monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
     saver = checkpoint.PeriodicCheckpoint(
         checkpoint.checkpoint_dir(run.checkpoint, run_dir), run.checkpoint.every_n_steps,
         run.checkpoint.keep_last, run.checkpoint.storage_options,
         on_saved=track.log_checkpoint if track else None)
-    every: list[pl.Callback] = [monitor, saver]
+    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
+    every: list[pl.Callback] = [monitor, saver, preemption]
     if run.trainer.progress_bar:
         every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
                                                                   run.trainer.max_steps // 20)))
@@ -107,12 +113,20 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         raise
     finally:
         if track:
-            track.close(tracking.status_for(ended, interrupted=trainer.interrupted))
+            # a preempted run stopped early on purpose: this attempt is KILLED, not FINISHED
+            stopped = trainer.interrupted or preemption.stopped
+            track.close(tracking.status_for(ended, interrupted=stopped))
     result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
     if trainer.is_global_zero:
         _report(result, track)
     return result
+
+
+def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
+    """The job file `python -m launch` rendered for this run (tracking logs it, redacted)."""
+    path = Path(run.launch.rendered) if run.launch.rendered else None
+    return (path.name, path.read_text()) if path and path.is_file() else None
 
 
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
