@@ -68,8 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         # torch and a fake process group: only when asked for, after the table is out
         from trainer.validate_plan import validate as validate_plan
 
+        from trainer.validate_plan import PlanValidationError
+
         with exit_on_config_error():
-            print(validate_plan(run, chosen).render())
+            try:
+                print(validate_plan(run, chosen).render())
+            except PlanValidationError as exc:
+                if exc.report is not None:  # the figures, then the one-line refusal
+                    print(exc.report.render())
+                raise
     if run.plan.output:
         write_json(run, chosen, Path(run.plan.output))
         print(f"wrote {run.plan.output}")
