@@ -66,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(run, plans, chosen, show_all=show_all)
     if run.plan.validate:
         # torch and a fake process group: only when asked for, after the table is out
-        from trainer.validate_plan import validate as validate_plan
-
         from trainer.validate_plan import PlanValidationError
+        from trainer.validate_plan import validate as validate_plan
 
         with exit_on_config_error():
             try:
