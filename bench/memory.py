@@ -86,7 +86,8 @@ def main() -> None:
         rows = []
         for name, (nproc, overrides) in RUNS.items():
             full = [*MODEL, f"trainer.devices={nproc}", *overrides]
-            peaks = peak_rss_per_worker(trainer_cmd(nproc, full, work / name.replace(" ", "")),
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            peaks = peak_rss_per_worker(trainer_cmd(nproc, full, work / slug),
                                         work)
             rows.append((name, max(peaks), max(peaks) - baseline, estimate(nproc, overrides)))
     one = rows[0]

@@ -138,12 +138,14 @@ def _plan_cli(*overrides: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_the_cli_validates_70b_on_a_trn3_ultraserver_with_the_real_step():
-    proc = _plan_cli("experiment=llama3_70b_trn3_ultraserver")
+def test_the_cli_validates_8b_on_a_trn2_ultraserver_with_the_real_step():
+    proc = _plan_cli("experiment=llama3_8b_trn2_ultraserver")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fake process group of 576 ranks" in proc.stdout
+    assert "fake process group of 256 ranks" in proc.stdout
     assert "limit 5%): ok" in proc.stdout
     assert "one training step at rank 0" in proc.stdout and "limit 15%): ok" in proc.stdout
+    for component in ("parameters", "gradients", "optimizer states", "activations", "peak"):
+        assert f"\n{component} " in proc.stdout
 
 
 def test_the_cli_fails_a_plan_that_does_not_validate_in_one_line():
