@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from launch.job import Job, render, to_yaml
-from trainer.config import ConfigError
+from trainer.config import KEY, ConfigError
 
 JOB_LABEL = "ultramesh/job"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -35,26 +35,26 @@ def file_name(job: Job) -> str:
 def check(job: Job) -> None:
     c, hw = job.run.cluster, job.run.hardware
     if not c.namespace:
-        raise ConfigError("cluster.namespace", c.namespace,
+        raise ConfigError(KEY.cluster.namespace, c.namespace,
                           "cluster=eks needs the namespace to run in")
     if not c.image:
-        raise ConfigError("cluster.image", c.image,
+        raise ConfigError(KEY.cluster.image, c.image,
                           "cluster=eks needs the training image (this repository installed)")
     if not hw.k8s_resources:
-        raise ConfigError("hardware", hw.name,
+        raise ConfigError(KEY.hardware, hw.name,
                           "names no Kubernetes device resources (hardware.k8s_resources), so "
                           "cluster=eks cannot schedule it; pick an accelerator (h100, trn2, ...)")
     if hw.instance_type.startswith("nf"):
-        raise ConfigError("hardware.instance_type", hw.instance_type,
+        raise ConfigError(KEY.hardware.instance_type, hw.instance_type,
                           "is a placeholder (no published instance type); the node selector "
                           "needs a real one: set hardware.instance_type")
     if "://" not in job.run.checkpoint.dir:
-        raise ConfigError("checkpoint.dir", job.run.checkpoint.dir,
+        raise ConfigError(KEY.checkpoint.dir, job.run.checkpoint.dir,
                           "a pod's disk does not survive a restart; on EKS use a URL such as "
                           "s3://bucket/run (credentials from cluster.service_account)")
     group = _group(job)
     if group and job.nodes > group and job.nodes % group:
-        raise ConfigError("cluster.nodes", job.nodes,
+        raise ConfigError(KEY.cluster.nodes, job.nodes,
                           f"{hw.name} places nodes in groups of {group} (one high-bandwidth "
                           f"domain); use at most {group} or a multiple of it")
     from trainer.tracking import looks_secret

@@ -18,14 +18,14 @@ from typing import Any
 import jinja2
 import yaml
 
-from trainer.config import ConfigError, RunConfig, compose, validate
+from trainer.config import KEY, ConfigError, RunConfig, compose, validate
 from trainer.plan import MeshPlan, plan
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPO_DIR = Path(__file__).resolve().parents[1]
 # launch.* keys steer the launcher; the trainer only needs the one the launcher sets itself.
-_LAUNCHER_ONLY = ("launch.dry_run", "launch.max_restarts", "launch.run_dir", "launch.wait",
-                  "launch.rendered", "hydra.")
+_LAUNCHER_ONLY = (KEY.launch.dry_run, KEY.launch.max_restarts, KEY.launch.run_dir,
+                  KEY.launch.wait, KEY.launch.rendered, "hydra.")
 
 
 @dataclass
@@ -46,9 +46,10 @@ class Job:
 
     def trainer_overrides(self, rendered: str, run_dir: str | None = None) -> list[str]:
         kept = [o for o in self.overrides if not _key(o).startswith(_LAUNCHER_ONLY)]
-        extra = [f"hydra.run.dir={run_dir or self.run_dir}", f"launch.rendered={rendered}"]
-        if not any(_key(o) == "checkpoint.resume" for o in kept):
-            extra.insert(0, "checkpoint.resume=last")
+        extra = [f"hydra.run.dir={run_dir or self.run_dir}",
+                 f"{KEY.launch.rendered}={rendered}"]
+        if not any(_key(o) == KEY.checkpoint.resume for o in kept):
+            extra.insert(0, f"{KEY.checkpoint.resume}=last")
         return kept + extra
 
     def trainer_args(self, rendered: str, run_dir: str | None = None) -> str:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from launch.job import REPO_DIR, Job, render, save
-from trainer.config import ConfigError, time_limit_seconds
+from trainer.config import KEY, ConfigError, time_limit_seconds
 
 FILE_NAME = "job.sbatch"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -18,11 +18,11 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def check(job: Job) -> None:
     c = job.run.cluster
     if not c.partition:
-        raise ConfigError("cluster.partition", c.partition,
+        raise ConfigError(KEY.cluster.partition, c.partition,
                           "cluster=slurm needs the partition to submit to (sinfo lists them)")
     limit = time_limit_seconds(c.time_limit)
     if c.preempt_warning_s >= limit:
-        raise ConfigError("cluster.preempt_warning_s", c.preempt_warning_s,
+        raise ConfigError(KEY.cluster.preempt_warning_s, c.preempt_warning_s,
                           f"must be shorter than cluster.time_limit={c.time_limit} ({limit} s)")
 
 
