@@ -48,16 +48,27 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     module = build_module(run)
     data = TokenDataModule(run.data, seed=run.seed)
     _check_data_fits_model(run, data)
+    # A destination that cannot be written, or a resume URL that is not a committed checkpoint,
+    # stops the run here, before any step or MLflow run exists.
+    checkpoint.check_destination(run.checkpoint, run_dir)
+    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
 
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
                            rank=_global_rank(run), sweep=sweep)
     monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
+    checkpoints = checkpoint.CheckpointIO(
+        run.checkpoint.storage_options, io_threads=run.checkpoint.io_threads,
+        mesh=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
+        config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run))
+    checkpoints.fallback = run.checkpoint.resume == "last"
     saver = checkpoint.PeriodicCheckpoint(
-        checkpoint.checkpoint_dir(run.checkpoint, run_dir), run.checkpoint.every_n_steps,
-        run.checkpoint.keep_last, run.checkpoint.storage_options,
-        on_saved=track.log_checkpoint if track else None)
+        checkpoints, checkpoint.checkpoint_dir(run.checkpoint, run_dir),
+        every_n_steps=run.checkpoint.every_n_steps, keep_last=run.checkpoint.keep_last,
+        keep_every=run.checkpoint.keep_every, async_save=run.checkpoint.async_save,
+        on_saved=track.log_checkpoint if track else None,
+        on_failed=track.log_checkpoint_failure if track else None)
     callbacks: list[pl.Callback] = [monitor, saver]
     if run.trainer.progress_bar:
         callbacks.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
@@ -70,7 +81,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
-        strategy=build_strategy(run, mesh_plan),
+        strategy=checkpoint.attach(build_strategy(run, mesh_plan), checkpoints),
         precision=None if plugins else run.trainer.precision,
         plugins=plugins,
         max_steps=run.trainer.max_steps,
@@ -81,14 +92,13 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by
         # global rank, wrong under tensor parallel) and its position is part of the checkpoint.
         use_distributed_sampler=False,
-        enable_checkpointing=False,  # PeriodicCheckpoint commits and prunes; see checkpoint.py
+        enable_checkpointing=False,  # PeriodicCheckpoint commits and prunes; see trainer/checkpoint
         enable_progress_bar=False,  # ProgressDisplay counts optimizer steps, not epoch batches
         enable_model_summary=False,
         log_every_n_steps=run.trainer.log_every_n_steps,
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
     if ckpt_path and trainer.is_global_zero:
         log.info("resuming from %s", ckpt_path)
     status = "FAILED"
@@ -144,10 +154,8 @@ def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
     hardware = run.hardware
     if mesh_plan.dp_shard == 1 and mesh_plan.tp == 1 and mesh_plan.cp == 1:
         if mesh_plan.world_size == 1:
-            return "auto"
-        from pytorch_lightning.strategies import DDPStrategy
-
-        return DDPStrategy(process_group_backend=hardware.backend)
+            return checkpoint.single_process(hardware.device_type)
+        return checkpoint.data_parallel(hardware.backend)
     from trainer.mesh import MeshStrategy
 
     return MeshStrategy(mesh_plan, HardwareSpec(hardware),
