@@ -5,6 +5,7 @@ size and SHA-256 of every byte it writes (the manifest's checksums cost no secon
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import posixpath
 import threading
@@ -16,8 +17,12 @@ from typing import Any
 import fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
 
-# s3fs retries a refused connection for about two seconds; a probe need not wait for more.
 PROBE_NAME = ".ultramesh-probe"
+
+# boto reports at INFO which credential source it used, once per client, on every rank: noise in
+# a run's log (and a preflight error must stay one line).
+for _name in ("botocore.credentials", "aiobotocore.credentials"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None
