@@ -26,6 +26,7 @@ import logging
 import random
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,9 @@ from trainer.checkpoint import manifest as mf
 from trainer.checkpoint.storage import HashingWriter, filesystem, join, one_line
 
 log = logging.getLogger(__name__)
+# One process (no process group) saving or loading alone is intended, not a mistake to warn about.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                        "uninitialized")
 
 META_FILE = "meta.pt"  # the name Lightning's own sharded checkpoints use
 MODEL_KEY = "state_dict"
@@ -173,8 +177,6 @@ class CheckpointIO(LightningCheckpointIO):
             log.debug("checkpoint step %d waited for step %d", step, previous.step)
         group = self.group()
         module, optimizers = self._targets()
-        if self.rank == 0:
-            mf.remove_manifest(url, self.storage_options)  # rewriting a step un-commits it
         tensors: dict[str, Any] = {MODEL_KEY: get_model_state_dict(module)}
         for index, optimizer in enumerate(optimizers):
             tensors[f"optimizer_{index}"] = get_optimizer_state_dict(module, optimizer)
@@ -200,6 +202,11 @@ class CheckpointIO(LightningCheckpointIO):
         on one rank is followed by a collective, so no rank is left waiting in one alone."""
         writer = HashingWriter(result.url, self.storage_options, self.io_threads)
         errors = []
+        try:
+            if self.rank == 0:  # rewriting a step un-commits it first
+                mf.remove_manifest(result.url, self.storage_options)
+        except Exception as exc:
+            errors.append(one_line(exc))
         try:
             dcp.save(tensors, storage_writer=writer, process_group=group,
                      no_dist=not _distributed())

@@ -19,9 +19,9 @@ from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWr
 
 PROBE_NAME = ".ultramesh-probe"
 
-# boto reports at INFO which credential source it used, once per client, on every rank: noise in
+# boto reports at INFO which credential and endpoint source it used, per client and rank: noise in
 # a run's log (and a preflight error must stay one line).
-for _name in ("botocore.credentials", "aiobotocore.credentials"):
+for _name in ("botocore.credentials", "aiobotocore.credentials", "botocore.configprovider"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
@@ -57,7 +57,12 @@ def probe(url: str, storage_options: dict[str, Any] | None = None) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """An exception as one short line (botocore's messages run over several)."""
+    """An exception as one short line (botocore's messages run over several); for DCP's
+    CheckpointException, the first failure of each rank rather than its traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(f"rank {rank}: {one_line(f[0] if isinstance(f, tuple) else f)}"
+                         for rank, f in sorted(failures.items()))
     text = " ".join(str(exc).split()) or type(exc).__name__
     text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= 300 else text[:297] + "..."
