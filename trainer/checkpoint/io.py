@@ -126,6 +126,7 @@ class CheckpointIO(LightningCheckpointIO):
         self.after_commit: Callable[[SaveResult], None] | None = None  # retention, on rank 0
         self._group: Any = None
         self._inflight: PendingSave | None = None
+        self._staged: Any = None  # the last async save's host copy, reused by the next
 
     # -------------------------------------------------------------------------------------------
     # Lightning's CheckpointIO interface (trainer.save_checkpoint, fit(ckpt_path=...))
@@ -188,7 +189,8 @@ class CheckpointIO(LightningCheckpointIO):
             self._write(tensors, extras, group, result, start)
             result.blocked_seconds = time.perf_counter() - start
             return PendingSave(result, None)
-        tensors = stage(tensors)
+        # the previous save is finished (waited for above): its buffers are free to reuse
+        tensors = self._staged = stage(tensors, self._staged)
         result.blocked_seconds = time.perf_counter() - start
         thread = threading.Thread(target=self._write, args=(tensors, extras, group, result, start),
                                   name=f"checkpoint-step-{step}", daemon=True)
@@ -336,20 +338,33 @@ def _all_gather(obj: Any, group: Any, world_size: int) -> list[Any]:
     return gathered
 
 
-def stage(tree: Any) -> Any:
+def stage(tree: Any, cache: Any = None) -> Any:
     """A copy of `tree` in host memory that training can no longer change: tensors copied (DTensors
-    keep their layout), other values deep-copied (optimizer hyper-parameters change each step)."""
+    keep their layout), other values deep-copied (optimizer hyper-parameters change each step).
+    Tensors go into the buffers of `cache` (the previous staging) where shapes match: writing
+    into memory already touched is several times faster than into fresh pages."""
     if isinstance(tree, DTensor):
-        local = tree.to_local().detach().to("cpu", copy=True)
+        old = cache.to_local() if isinstance(cache, DTensor) else None
+        local = _copy_to_host(tree.to_local(), old)
         return DTensor.from_local(local, tree.device_mesh, tree.placements, run_check=False,
                                   shape=tree.shape, stride=tree.stride())
     if isinstance(tree, torch.Tensor):
-        return tree.detach().to("cpu", copy=True)
+        return _copy_to_host(tree, cache if isinstance(cache, torch.Tensor) else None)
     if isinstance(tree, dict):
-        return {k: stage(v) for k, v in tree.items()}
+        cached = cache if isinstance(cache, dict) else {}
+        return {k: stage(v, cached.get(k)) for k, v in tree.items()}
     if isinstance(tree, list | tuple):
-        return type(tree)(stage(v) for v in tree)
+        cached = cache if isinstance(cache, list | tuple) and len(cache) == len(tree) else None
+        return type(tree)(stage(v, cached[i] if cached else None) for i, v in enumerate(tree))
     return copy.deepcopy(tree)
+
+
+def _copy_to_host(tensor: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    tensor = tensor.detach()
+    if (buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype
+            and buffer.device.type == "cpu" and buffer.stride() == tensor.stride()):
+        return buffer.copy_(tensor)
+    return tensor.to("cpu", copy=True)
 
 
 def capture_rng() -> dict[str, Any]:

@@ -5,6 +5,7 @@ size and SHA-256 of every byte it writes (the manifest's checksums cost no secon
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -61,8 +62,8 @@ def one_line(exc: BaseException) -> str:
     CheckpointException, the first failure of each rank rather than its traceback."""
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
-        return "; ".join(f"rank {rank}: {one_line(f[0] if isinstance(f, tuple) else f)}"
-                         for rank, f in sorted(failures.items()))
+        return "; ".join(dict.fromkeys(one_line(f[0] if isinstance(f, tuple) else f)
+                                       for _, f in sorted(failures.items())))
     text = " ".join(str(exc).split()) or type(exc).__name__
     text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= 300 else text[:297] + "..."
@@ -86,6 +87,31 @@ class _HashingStream:
         return getattr(self._stream, name)
 
 
+class _Buffer(io.RawIOBase):
+    """An object's bytes in memory, handed to the store without another copy. DCP's stream
+    wrappers close it before the upload; it keeps its bytes until `release()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.data += data
+        return len(memoryview(data).cast("B"))
+
+    def tell(self) -> int:
+        return len(self.data)
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.data = bytearray()
+
+
 class HashingFileSystem(FileSystem):
     """DCP's fsspec filesystem, recording {path: (bytes, sha256)} of each file it writes."""
 
@@ -97,14 +123,25 @@ class HashingFileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
                 yield stream
-                return
-            hashing = _HashingStream(stream)
+            return
+        path = os.fspath(path)
+        if is_local(path):
+            with super().create_stream(path, mode) as stream:
+                hashing = _HashingStream(stream)
+                yield hashing
+        else:
+            # An object store takes a whole object in one request (s3fs splits a large one into
+            # parts uploaded in parallel); a stream would upload serial parts as its buffer fills.
+            buffer = _Buffer()
+            hashing = _HashingStream(buffer)
             yield hashing
+            self.fs.pipe_file(path, buffer.data)
+            buffer.release()
         with self._lock:
-            self.written[os.fspath(path)] = (hashing.nbytes, hashing.sha256.hexdigest())
+            self.written[path] = (hashing.nbytes, hashing.sha256.hexdigest())
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         super().rename(path, new_path)
