@@ -289,3 +289,22 @@ def test_four_ranks_to_two_to_one_resume_with_the_same_weights(workdir, moto_ser
                  weights(f"{four}/checkpoints/step-00000004.ckpt"))
     assert_close(weights(f"{workdir}/one/checkpoints/step-00000004.ckpt"),
                  weights(f"{four}/checkpoints/step-00000004.ckpt"))
+
+
+def test_a_bf16_checkpoint_resumes_in_an_fp32_run(workdir, moto_server):
+    """The format carries no device or dtype: bf16 weights load into an fp32 CPU run."""
+    env = run_env(moto_server)
+    every = ["checkpoint.every_n_steps=1", "checkpoint.keep_last=10", "trainer.max_steps=2",
+             *ONE_RANK]
+    a = train(workdir, "bf16", [*every, "trainer.precision=bf16-true"], env)
+    b = train(workdir, "fp32", [*every, "trainer.precision=32-true",
+                                f"checkpoint.resume={workdir}/bf16/checkpoints/"
+                                "step-00000001.ckpt"], env)
+    assert sorted(losses(b)) == [2]
+    # one step moved the loss by about 1 nat; bf16 against fp32 arithmetic differs by far less
+    assert losses(b)[2] == pytest.approx(losses(a)[2], abs=0.05)
+    assert losses(a)[1] - losses(a)[2] > 0.5
+    saved_a = weights(f"{workdir}/bf16/checkpoints/step-00000001.ckpt")
+    saved_b = weights(f"{workdir}/fp32/checkpoints/step-00000002.ckpt")
+    assert {t.dtype for t in saved_a.values()} == {torch.bfloat16}
+    assert {t.dtype for t in saved_b.values()} == {torch.float32}
