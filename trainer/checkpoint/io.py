@@ -258,9 +258,14 @@ class CheckpointIO(LightningCheckpointIO):
         group = self.group()
         chosen: list[Any] = [None]
         if self.rank == 0:
-            chosen[0] = self._choose(url)
+            try:
+                chosen[0] = self._choose(url)
+            except Exception as exc:  # every rank raises it, none is left waiting
+                chosen[0] = f"{type(exc).__name__}: {exc}"
         if _distributed():
             dist.broadcast_object_list(chosen, src=0, group=group)
+        if isinstance(chosen[0], str):
+            raise RuntimeError(f"cannot resume from {url}: {chosen[0]}")
         if chosen[0] is None:
             log.warning("no sound checkpoint to resume from; starting fresh")
             return {"pytorch-lightning_version": pl.__version__, "optimizer_states": [],
