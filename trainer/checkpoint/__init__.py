@@ -94,7 +94,8 @@ def config_hash(run: RunConfig) -> str:
     """A short hash of what makes two runs the same training: model, optimizer, seed, the data's
     path and shapes (not where checkpoints go, nor the mesh: a checkpoint may resume on another)."""
     data = dataclasses.asdict(run.data)
-    data.pop("storage_options", None)
+    for per_rank in ("storage_options", "micro_batch_size", "num_workers"):  # change with a mesh
+        data.pop(per_rank, None)
     what: dict[str, Any] = {"model": dataclasses.asdict(run.model),
                             "optim": dataclasses.asdict(run.optim), "data": data,
                             "seed": run.seed}

@@ -302,6 +302,10 @@ class CheckpointIO(LightningCheckpointIO):
             raise FileNotFoundError(f"{url} has no {mf.MANIFEST}: not a committed checkpoint")
         problems = mf.verify(url, manifest, self.storage_options)
         if not problems:
+            if self.config_hash and manifest.config_hash not in ("", self.config_hash):
+                log.warning("checkpoint %s was written by another training config (hash %s, "
+                            "this run %s): model, optimizer, data or seed differ", url,
+                            manifest.config_hash, self.config_hash)
             return url, manifest.world_size
         message = f"checkpoint {url} is damaged: {'; '.join(problems)}"
         if not self.fallback:
