@@ -10,7 +10,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check --quiet
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install dev train test lint bench system-deps clean
+.PHONY: install dev train test lint bench docs reference system-deps clean
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -26,11 +26,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@
 
-# What the tests need outside Python: headless Chromium for the MLflow UI test.
+# What the tests need outside Python: headless Chromium for the MLflow UI test; SLURM (slurm-wlm,
+# munge) for the launcher's two-node cluster tests (tests/launch starts the daemons itself).
 system-deps:
-	@command -v chromium >/dev/null || { \
+	@{ command -v chromium && command -v slurmctld && command -v munged; } >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium fonts-liberation; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium fonts-liberation slurm-wlm munge; }
 
 # The default job: python -m trainer with no arguments (add overrides with ARGS="key=value ...").
 train: install
@@ -40,10 +41,18 @@ test: dev system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: dev
-	$(VENV)/bin/ruff check trainer launch tests bench
+	$(VENV)/bin/ruff check trainer launch tests bench hydra_plugins
 
 bench: dev
 	$(PY) bench/overhead.py
 
+# The manual (docs/, mkdocs.yml) into site/; --strict turns a broken link or anchor into an error.
+docs: dev
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# docs/reference/configuration.md from trainer/config.py and configs/ (tests fail when it is stale).
+reference: install
+	$(PY) -m trainer.reference
+
 clean:
-	rm -rf outputs multirun mlflow.db mlruns .pytest_cache
+	rm -rf outputs multirun mlflow.db mlruns .pytest_cache site

@@ -38,7 +38,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import pytorch_lightning as pl
 import torch
@@ -47,7 +46,8 @@ from omegaconf import OmegaConf
 
 import trainer.fit
 from trainer.config import RunConfig, compose, validate
-from trainer.data import Batch, TokenDataModule, TokenLoader
+from trainer.data.datamodule import TokenDataModule
+from trainer.data.sampler import Batch, TokenLoader
 from trainer.models.llama import ModelArgs, Transformer
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -108,8 +108,6 @@ def bench_config(steps: int, store: Path, extra: list[str]) -> tuple[RunConfig, 
     overrides = [f"trainer.max_steps={steps}", f"tracking.uri=sqlite:///{store}",
                  "checkpoint.every_n_steps=0", *extra]
     cfg = compose(overrides)
-    if cfg.optim.warmup_steps >= steps:  # validation wants the warmup to end before the run does
-        cfg = compose([*overrides, f"optim.warmup_steps={steps // 3}"])
     return validate(cfg), OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
@@ -121,17 +119,9 @@ def last_window(run: RunConfig) -> int:
 
 def run_ultramesh(run: RunConfig, resolved: dict, run_dir: Path) -> Timing:
     clock = BatchClock()
-    build_module = trainer.fit.build_module
-
-    def build_with_clock(config: RunConfig) -> pl.LightningModule:
-        module = build_module(config)
-        module.configure_callbacks = lambda: [clock]
-        return module
-
     start = time.perf_counter()
-    # fit() takes no extra callbacks; the module it builds can bring one.
-    with mock.patch.object(trainer.fit, "build_module", build_with_clock):
-        result = trainer.fit.fit(run, run_dir=run_dir, resolved=resolved, overrides=[])
+    result = trainer.fit.fit(run, run_dir=run_dir, resolved=resolved, overrides=[],
+                             callbacks=[clock])
     done = time.perf_counter()
     assert clock.first_batch_start is not None
     return Timing(startup_s=clock.first_batch_start - start, ends=clock.ends,

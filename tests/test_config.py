@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from trainer.config import CONFIG_DIR, CONFIG_ERRORS, ConfigError, compose, describe, load, validate
 from trainer.train import preflight
@@ -97,7 +98,9 @@ BAD_CONFIGS = [
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
     (["model.dim=250"], "model.dim"),
     (["parallelism.tp=0"], "parallelism.tp"),
-    (["parallelism.dp_shard=-1"], "parallelism.dp_shard"),
+    (["parallelism=ddp", "parallelism.dp_shard=-1"], "parallelism.dp_shard"),
+    (["parallelism.param_dtype=float16"], "parallelism.param_dtype"),
+    (["parallelism.tp=16"], "parallelism.tp=16"),
     (["parallelism.dp_replicate=1", "parallelism.tp=2"], "parallelism"),
     (["tracking.backend=wandb"], "tracking.backend"),
     (["cluster.kind=k8s"], "cluster.kind"),
@@ -155,3 +158,21 @@ def test_help_lists_the_config_groups(tmp_path: Path):
     assert proc.returncode == 0
     for group in GROUPS:
         assert f"{group}:" in proc.stdout
+
+
+def test_key_names_come_from_the_schema():
+    from trainer.config import KEY
+
+    assert KEY.tracking.fail_on_unreachable == "tracking.fail_on_unreachable"
+    assert str(KEY.hardware) == "hardware" and KEY.seed == "seed"
+    # every key it names is one the composed config has
+    cfg = compose([])
+    assert OmegaConf.select(cfg, KEY.data.seq_len) == cfg.data.seq_len
+    with pytest.raises(AttributeError, match="seqlen"):
+        _ = KEY.data.seqlen
+
+
+def test_a_short_run_warms_up_for_a_share_of_it():
+    short = load(["trainer.max_steps=20"])  # refused while the default warmup was 20 steps
+    assert 0 < short.optim.warmup(short.trainer.max_steps) < short.trainer.max_steps
+    assert load(["optim.warmup_steps=7"]).optim.warmup(200) == 7

@@ -141,31 +141,6 @@ def test_link_bandwidth_per_rank(name: str, link: str, bytes_per_s: float) -> No
     assert HardwareSpec.load(name).link_bandwidth(link) == pytest.approx(bytes_per_s)
 
 
-# --- which link a mesh dim crosses (node-major rank order) ----------------------------------------
-
-@pytest.mark.parametrize(("name", "span", "stride", "link"), [
-    ("trn2_ultraserver", 4, 1, "node"),  # TP over the 4 ranks of one chip
-    ("trn2_ultraserver", 64, 1, "node"),  # all 64 ranks of one instance
-    ("trn2_ultraserver", 65, 1, "domain"),  # one rank past the instance
-    ("trn2_ultraserver", 4, 64, "domain"),  # one rank per instance: ranks 0..192 < 256
-    ("trn2_ultraserver", 256, 1, "domain"),  # exactly the whole UltraServer
-    ("trn2_ultraserver", 2, 256, "inter"),  # two UltraServers
-    ("trn2_ultraserver", 1, 10_000, "node"),  # a dim of size 1 moves nothing
-    ("trn2", 2, 64, "inter"),  # a lone instance: leaving it means EFA
-    ("gb200_nvl72", 4, 1, "node"),
-    ("gb200_nvl72", 18, 4, "domain"),  # ranks 0..68 of the 72-GPU rack
-    ("gb200_nvl72", 72, 1, "domain"),  # exactly the rack
-    ("gb200_nvl72", 2, 72, "inter"),
-    ("trn3_ultraserver", 16, 1, "node"),
-    ("trn3_ultraserver", 36, 16, "domain"),  # ranks 0..560 of 576
-    ("trn3_ultraserver", 2, 576, "inter"),
-    ("h100", 8, 1, "node"),
-    ("h100", 2, 8, "inter"),  # NVLink ends at the instance
-])
-def test_link_between(name: str, span: int, stride: int, link: str) -> None:
-    assert HardwareSpec.load(name).link_between(span, stride) == link
-
-
 # --- what launchers read --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ACCELERATORS)

@@ -8,7 +8,7 @@ trainer.log_every_n_steps=1) and the weights from its final checkpoint (a file f
 torch.distributed.checkpoint directory for a mesh).
 
 The one-process reference reads micro_batch_size x dp rows per step; the data sampler hands each
-of dp ranks its share of the same global batch (trainer/data.py), so every run sees the same
+of dp ranks its share of the same global batch (trainer/data/sampler.py), so every run sees the same
 tokens each step.
 """
 
@@ -185,6 +185,45 @@ def test_mesh_training_matches_one_process(name, reference, workdir):
     assert int(shape["dp_replicate"]) * int(shape["dp_shard"]) == MESHES[name][1]
     assert_matches(run_dir, checkpoints_of(workdir, name), reference, range(1, STEPS + 1))
     assert losses(run_dir)[STEPS] < losses(run_dir)[1] - 0.5  # it trains
+
+
+# What each rank held, read from the outside: the final checkpoint's DCP metadata lists every
+# rank's shard of each tensor as (offsets, sizes). The tiny decoder: dim 256, 8 heads of 32, 4 KV
+# heads (wk: 128 rows), vocabulary 256. Derived by hand from the plan's placements.
+HALF_ROWS = {((0, 0), (128, 256)), ((128, 0), (128, 256))}
+SHARDS = {
+    "fsdp2": {"attention.wq.weight": HALF_ROWS, "attention.wo.weight": HALF_ROWS,
+              "attention.wk.weight": {((0, 0), (64, 256)), ((64, 0), (64, 256))},
+              "tok_embeddings.weight": HALF_ROWS},
+    # wq column-parallel (output rows), wo row-parallel (input columns), embedding by vocabulary
+    "tp": {"attention.wq.weight": HALF_ROWS,
+           "attention.wo.weight": {((0, 0), (256, 128)), ((0, 128), (256, 128))},
+           "attention.wk.weight": {((0, 0), (64, 256)), ((64, 0), (64, 256))},
+           "tok_embeddings.weight": HALF_ROWS},
+    # tp splits first, FSDP splits each tp shard's rows again: four quarters of 64 rows
+    "fsdp2_x_tp": {"attention.wq.weight": {((r, 0), (64, 256)) for r in (0, 64, 128, 192)},
+                   "attention.wo.weight": {((r, c), (128, 128)) for r in (0, 128)
+                                           for c in (0, 128)},
+                   "tok_embeddings.weight": {((r, 0), (64, 256)) for r in (0, 64, 128, 192)}},
+}
+
+
+def saved_shards(checkpoint: Path, suffix: str) -> set[tuple[tuple[int, ...], tuple[int, ...]]]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    block_zero = suffix.startswith("tok_") or "layers.0." in suffix
+    (key,) = [k for k in metadata if k.endswith(suffix) and (block_zero or "layers.0." in k)]
+    return {(tuple(c.offsets), tuple(c.sizes)) for c in metadata[key].chunks}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SHARDS))
+def test_each_rank_held_the_shards_its_plan_gives_it(name, workdir):
+    mesh_run(workdir, name)
+    checkpoint = checkpoints_of(workdir, name) / f"step-{STEPS:08d}.ckpt"
+    for suffix, expected in SHARDS[name].items():
+        assert saved_shards(checkpoint, suffix) == expected, suffix
 
 
 @pytest.mark.slow

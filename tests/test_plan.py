@@ -401,15 +401,19 @@ def test_cli_prints_the_table_and_writes_the_chosen_plan(tmp_path):
 def test_cli_refuses_a_bad_plan_in_one_line_with_exit_2():
     result = run_cli("parallelism=fsdp_tp", "parallelism.tp=3", "trainer.devices=6")
     assert result.returncode == 2
+    # the refusal names what would fit: 6 ranks shard the tiny model 6 ways
     assert result.stderr.strip().splitlines() == [
-        "config error: parallelism.tp=3: does not divide model.n_heads=8"]
+        "config error: parallelism.tp=3: does not divide model.n_heads=8; parallelism=auto fits: "
+        "dp_replicate=1 x dp_shard=6 x cp=1 x tp=1"]
     assert result.stdout == ""
 
 
 def test_cli_refuses_a_bad_override_in_one_line(capsys):
     from trainer.plan.__main__ import main
 
-    assert main(["hardware=no_such_machine"]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["hardware=no_such_machine"])
+    assert exited.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no_such_machine" in err
 
@@ -419,3 +423,36 @@ def test_cli_help(capsys):
 
     assert main(["--help"]) == 0
     assert "usage: python -m trainer.plan" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan is the default: auto, with explicit dims as constraints
+
+
+def test_auto_is_the_default_and_fits_70b_on_a_trn3_ultraserver():
+    run = load(["model=llama3_70b", "hardware=trn3_ultraserver", "cluster.nodes=36"])
+    assert run.parallelism.name == "auto"
+    chosen = plan(run)
+    assert chosen.feasible and chosen.world_size == 576
+    budget = HardwareSpec(run.hardware).memory_bytes_per_rank * run.plan.memory_headroom
+    assert chosen.memory_bytes_per_rank <= budget
+
+
+def test_explicit_dims_under_auto_are_kept():
+    run = load(["hardware=h100", "model=llama3_8b", "parallelism.tp=4"])
+    chosen = plan(run)
+    assert chosen.tp == 4 and chosen.world_size == 8
+    assert all(p.tp == 4 for p in candidates(run))
+
+
+def test_a_constraint_no_plan_can_keep_is_refused_naming_it():
+    with pytest.raises(ConfigError) as info:
+        plan(load(["hardware=h100", "parallelism.tp=16"]))
+    assert "parallelism.tp=16" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_dtype_checks_run_under_auto():
+    with pytest.raises(ConfigError, match=r"parallelism\.param_dtype"):
+        load(["parallelism.param_dtype=float16"])
+    with pytest.raises(ConfigError, match="bf16-true"):
+        load(["trainer.precision=bf16-true", "parallelism.param_dtype=float32"])

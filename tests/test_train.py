@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+import yaml
+from conftest import require
 from mlflow.tracking import MlflowClient
 
 # Small enough to train in seconds on 2 cores, big enough for the loss to move.
@@ -48,7 +53,8 @@ def test_default_run_trains_and_says_where_its_outputs_are(tmp_path: Path):
 
 
 def test_two_processes_train_and_the_loss_falls(tmp_path: Path):
-    train(tmp_path, "trainer.devices=2", "trainer.max_steps=30", "tracking.run_name=ddp")
+    train(tmp_path, "trainer.devices=2", "parallelism=ddp", "trainer.max_steps=30",
+          "tracking.run_name=ddp")
     history = losses(tmp_path, "ddp")
     assert len(history) == 30
     # Byte-level text starts near ln(256) = 5.5 nats; 30 steps bring it well down.
@@ -121,3 +127,103 @@ class Bigram(pl.LightningModule):
     def on_train_end(self):
         print("bigram trained", self.trainer.global_step)
 '''
+
+
+# --- refusals before anything starts, and nothing left behind ----------------------------------
+
+SMALL = ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+         "model.ffn_dim=64", "data.seq_len=32", "data.micro_batch_size=2", "tracking=none",
+         "checkpoint.every_n_steps=0", "trainer.progress_bar=false"]
+
+
+def refused(cwd: Path, *args: str) -> str:
+    """The one line `python -m trainer <args>` exits 2 with, after checking it left no file."""
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert list(cwd.iterdir()) == [], "a refused run left files behind"
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("config error: ")
+    return lines[-1]
+
+
+UNDRIVABLE = [
+    pytest.param(["hardware=h100"], ["hardware='h100'", "CUDA", "python -m trainer.plan"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here"),
+                 id="h100-without-gpu"),
+    pytest.param(["hardware=trn2"], ["hardware='trn2'", "pip install", "torch-neuronx"],
+                 marks=pytest.mark.skipif(importlib.util.find_spec("torch_neuronx") is not None,
+                                          reason="torch-neuronx is installed"),
+                 id="trn2-without-torch-neuronx"),
+    pytest.param(["hardware=trn1"], ["hardware='trn1'", "XLA path", "not implement"], id="trn1"),
+    pytest.param(["experiment=tiny_cpu_4wya"], ["experiment/tiny_cpu_4wya", "tiny_cpu_4way"],
+                 id="experiment-typo"),
+    pytest.param(["hardware=h100", "cluster.nodes=2"], ["cluster.nodes=2", "python -m launch"],
+                 id="several-nodes"),
+    pytest.param(["data=shards", "data.path=/nonexistent/x"], ["/nonexistent/x", "index.json"],
+                 id="missing-dataset"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "words"), UNDRIVABLE)
+def test_preflight_refuses_in_one_line_and_leaves_nothing(tmp_path: Path, overrides, words):
+    proc = subprocess.run([sys.executable, "-m", "trainer", *overrides], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for word in words:
+        assert word in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("multirun", [[], ["--multirun", "seed=1,2"]], ids=["run", "multirun"])
+def test_an_error_only_the_job_finds_leaves_nothing_behind(tmp_path: Path, multirun):
+    # --config-dir: a config tree of the user's own, which preflight leaves to the job to check
+    extra = tmp_path.parent / f"{tmp_path.name}-configs"
+    extra.mkdir()
+    line = refused(tmp_path, "--config-dir", str(extra), *multirun, "data=shards",
+                   "data.path=/nonexistent/x")
+    assert "/nonexistent/x" in line
+
+
+def test_a_short_run_gets_a_short_warmup(tmp_path: Path):
+    # the default warmup must not refuse a run shorter than it
+    proc = subprocess.run([sys.executable, "-m", "trainer", *SMALL, "trainer.max_steps=5",
+                           "trainer.log_every_n_steps=1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final loss" in proc.stderr
+
+
+# --- Hydra's sweeper plugins ---------------------------------------------------------------------
+
+
+def need_optuna_sweeper() -> None:
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        require("hydra-optuna-sweeper", "pip install hydra-optuna-sweeper (in the dev extra)")
+
+
+def test_the_optuna_sweeper_runs_two_trials(tmp_path: Path):
+    need_optuna_sweeper()
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "--multirun", "hydra/sweeper=optuna",
+         "optim.lr=interval(1e-4,1e-2)", "hydra.sweeper.n_trials=2", *SMALL,
+         "trainer.max_steps=3", "trainer.log_every_n_steps=1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list(tmp_path.glob("multirun/*/*/optimization_results.yaml"))
+    assert len(results) == 1
+    best = yaml.safe_load(results[0].read_text())
+    assert 1e-4 <= best["best_params"]["optim.lr"] <= 1e-2
+    # the objective is the trainer's own final loss: byte-level text starts near ln(256) = 5.5
+    assert 0 < best["best_value"] < 10
+    assert sorted(p.name for p in results[0].parent.iterdir() if p.is_dir()) == ["0", "1"]
+
+
+def test_a_plugin_search_space_outside_what_validation_allows_is_refused(tmp_path: Path):
+    need_optuna_sweeper()
+    line = refused(tmp_path, "--multirun", "hydra/sweeper=optuna",
+                   "optim.lr=interval(-1.0,-0.5)", "hydra.sweeper.n_trials=2")
+    assert "optim.lr" in line

@@ -8,11 +8,12 @@ the semantic checks, raising `ConfigError` with the key, the value and what is a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
-import math
+import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,13 +29,20 @@ DEVICE_TYPES = ("cpu", "cuda", "neuron")
 BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo"), "neuron": ("neuron", "xla")}
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 CLUSTER_KINDS = ("local", "slurm", "eks")
+EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
+# With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
+# (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
+# default 200-step run always had.
+WARMUP_FRACTION = 0.1
+EXIT_CONFIG_ERROR = 2
 
 
 class ConfigError(ValueError):
     """A config value that is wrong in context: names the key, the value and what is allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str):
+        key = str(key)
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r}: {allowed}")
 
@@ -43,24 +51,35 @@ class ConfigError(ValueError):
 class HardwareConfig:
     """One entry of the hardware catalog (`configs/hardware/*.yaml`). Figures are per chip."""
 
-    name: str = MISSING
-    description: str = ""
-    device_type: str = MISSING  # cpu | cuda | neuron
+    name: str = MISSING  # the catalog entry; part of the default MLflow run name
+    description: str = ""  # one line for people: chips, memory, links
+    device_type: str = MISSING  # the torch device the ranks use: cpu | cuda | neuron
     backend: str = MISSING  # process-group backend: gloo | nccl | neuron
-    instance_type: str = MISSING
-    chips_per_node: int = MISSING
+    instance_type: str = MISSING  # EC2 instance type of one node, e.g. p5.48xlarge; "local" on cpu
+    chips_per_node: int = MISSING  # accelerator chips (GPUs, Trainium chips) in one node
     ranks_per_chip: int = 1  # logical NeuronCores per chip on Trainium, 1 for a GPU
     nodes_per_domain: int = 1  # nodes in one high-bandwidth domain (UltraServer, NVLink domain)
-    memory_gib_per_chip: float = MISSING
-    memory_bw_gbs: float = MISSING  # GB/s
-    peak_tflops_bf16: float = MISSING  # dense
-    peak_tflops_fp8: Optional[float] = None  # dense; null where not published
+    memory_gib_per_chip: float = MISSING  # device memory (HBM) per chip, GiB
+    memory_bw_gbs: float = MISSING  # device memory bandwidth per chip, GB/s
+    peak_tflops_bf16: float = MISSING  # dense bf16 TFLOP/s per chip; MFU is measured against it
+    peak_tflops_fp8: Optional[float] = None  # dense fp8 TFLOP/s per chip; null where unpublished
     intra_node_bw_gbs: float = MISSING  # GB/s per chip, one direction, to chips of its node
     intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to its domain's nodes
     efa_bw_gbps: float = 0.0  # Gbit/s per node over EFA, the inter-domain link
-    efa_interfaces: int = 0
-    launch_env: dict[str, str] = field(default_factory=dict)
-    k8s_resources: dict[str, int] = field(default_factory=dict)  # per node
+    efa_interfaces: int = 0  # EFA network interfaces per node (0: no inter-node link)
+    launch_env: dict[str, str] = field(default_factory=dict)  # exported on every node at launch
+    # Kubernetes extended resources one node asks for (devices, EFA interfaces)
+    k8s_resources: dict[str, int] = field(default_factory=dict)
+    # Power and price, read by `python -m trainer.plan compare`. null where not published: shown
+    # as nf and never guessed; a user who knows the figure supplies it (hardware.power_w=...).
+    power_w: Optional[float] = None  # W per chip: the vendor's TDP / board power
+    node_power_w: Optional[float] = None  # W per node, the whole server, where published
+    price_per_hour: Optional[float] = None  # USD per node (instance) hour, on demand
+    price_date: Optional[str] = None  # when price_per_hour was read (YYYY-MM-DD)
+    price_region: Optional[str] = None  # the AWS region it is quoted for
+    # Relative claims a vendor makes (e.g. "4x energy efficiency vs Trn2"): shown, labelled as
+    # claims, never used in a figure.
+    vendor_claims: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -71,71 +90,87 @@ class ModelConfig:
     shape keys; any other class is instantiated with `kwargs` and nothing else.
     """
 
-    _target_: str = "trainer.module.LanguageModel"
-    name: str = "tiny"
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    vocab_size: int = 256
-    ffn_dim: int = 768
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    _target_: str = "trainer.module.LanguageModel"  # dotted path of the LightningModule class
+    name: str = "tiny"  # the preset; part of the default MLflow run name
+    dim: int = 256  # width of the residual stream (hidden size)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # attention (query) heads; dim / n_heads is the head size
+    n_kv_heads: int = 4  # key/value heads (grouped-query attention); divides n_heads
+    vocab_size: int = 256  # token ids the embedding and output head cover (256: bytes)
+    ffn_dim: int = 768  # hidden size of the SwiGLU feed-forward block
+    max_seq_len: int = 256  # longest sequence the rotary tables are built for
+    rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
+    norm_eps: float = 1e-5  # epsilon of RMSNorm
+    tie_embeddings: bool = False  # the output head shares the token embedding's weights
+    # keyword arguments for a user's `_target_` class (the reference decoder ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DataConfig:
-    name: str = "stdlib"
+    name: str = "stdlib"  # the option: stdlib (built in) or shards (yours)
     # fsspec URL of a directory of token shards (see `python -m trainer.data prepare`);
     # null means the built-in corpus, prepared from Python's standard library on first use.
     path: Optional[str] = None
-    seq_len: int = 256
-    micro_batch_size: int = 8
+    seq_len: int = 256  # tokens per sample; at most model.max_seq_len
+    micro_batch_size: int = 8  # samples per rank per forward/backward pass
     # null: micro_batch_size x data-parallel size (no gradient accumulation)
     global_batch_size: Optional[int] = None
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
+    # fsspec options for `path`, e.g. endpoint_url for an S3-compatible store
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ParallelismConfig:
-    """Mesh dims; -1 fills one dim from the world size. `name: auto` asks the planner."""
+    """The device mesh: dp_replicate x dp_shard x cp x tp (outermost first).
 
-    name: str = "ddp"
-    dp_replicate: int = -1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-    sequence_parallel: bool = False
-    activation_checkpointing: bool = False
-    compile: bool = False
+    `name: auto` (the default) asks the planner for the fastest plan that fits; any dim set under
+    auto is a constraint the planner keeps (or refuses in one line), and null dims are free.
+    Any other name is an explicit plan: null dims are 1, and one dim may be -1 to fill the world
+    size. activation_checkpointing: null lets auto decide (off in an explicit plan).
+    """
+
+    name: str = "auto"  # the preset; `auto` lets the planner choose the dims left null
+    dp_replicate: Optional[int] = None  # full replicas of the model; gradients all-reduced
+    dp_shard: Optional[int] = None  # FSDP2: parameters, gradients, optimizer state split
+    cp: Optional[int] = None  # context parallel (not implemented yet: 1 or null)
+    tp: Optional[int] = None  # tensor parallel: each matmul split over these ranks, in a node
+    sequence_parallel: bool = False  # with tp: norms and residual stream split by sequence
+    # recompute each block in backward to save memory (null: the planner decides)
+    activation_checkpointing: Optional[bool] = None
+    compile: bool = False  # torch.compile each block (inductor; backend "neuron" on Trainium)
     # dtype FSDP2 all-gathers parameters and reduces gradients in (null: the parameter dtype)
     param_dtype: Optional[str] = None
-    reduce_dtype: Optional[str] = None
+    reduce_dtype: Optional[str] = None  # dtype of FSDP2 gradient reduction (null: param_dtype)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 3e-4
+    name: str = "adamw"  # the preset (AdamW is the one optimizer)
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
     min_lr_ratio: float = 0.1  # cosine decays to lr x min_lr_ratio at max_steps
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    # linear warmup to lr over this many steps; null: WARMUP_FRACTION of trainer.max_steps
+    warmup_steps: Optional[int] = None
+    weight_decay: float = 0.1  # AdamW decay, on matrices only (not norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+
+    def warmup(self, max_steps: int) -> int:
+        """The warmup steps of a run of `max_steps`: `warmup_steps`, or its share when null."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(max_steps * WARMUP_FRACTION)
 
 
 @dataclass
 class CheckpointConfig:
-    name: str = "local"
+    name: str = "local"  # the preset
     # fsspec URL or path; a relative path is under the run's output directory
     dir: str = "checkpoints"
-    every_n_steps: int = 100
+    every_n_steps: int = 100  # save every N optimizer steps and at the last; 0: the last only
     keep_last: int = 2  # the newest N committed checkpoints stay
     keep_every: int = 0  # and so does every checkpoint whose step is a multiple of this (0: none)
     # stage to host memory and write from a thread while training goes on (one save in flight)
@@ -149,41 +184,93 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    name: str = "mlflow"
+    name: str = "mlflow"  # the preset: mlflow or none
     backend: str = "mlflow"  # mlflow | none
     # null: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     uri: Optional[str] = None
-    experiment: str = "ultramesh"
-    run_name: Optional[str] = None
-    log_every_n_steps: int = 1
-    system_metrics: bool = False
+    experiment: str = "ultramesh"  # MLflow experiment the run goes in (created if missing)
+    run_name: Optional[str] = None  # null: <model>-<hardware>-<world size>r
+    log_every_n_steps: int = 1  # send at most one point every N steps
+    system_metrics: bool = False  # MLflow's CPU/memory/disk/network (and GPU) sampler
     # an unreachable server at start: a warning and training goes on, unless this is true
     fail_on_unreachable: bool = False
 
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"
+    """Where `python -m launch` sends the run (`configs/cluster/`; docs/launch.md)."""
+
+    name: str = "local"  # the preset
     kind: str = "local"  # local | slurm | eks
-    nodes: int = 1
-    options: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1  # nodes (machines) of the job; world size = nodes x ranks per node
+    # container image: optional on SLURM (pyxis/enroot --container-image), required on EKS
+    image: Optional[str] = None
+    # SLURM
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit: str = "01:00:00"  # sbatch --time: minutes, [D-]HH:MM:SS, MM:SS
+    preempt_warning_s: int = 120  # USR1 this long before the time limit (--signal=B:USR1@N)
+    max_requeues: int = 3  # a job that keeps being preempted stops requeueing after this many
+    chain: int = 1  # jobs chained with --dependency=afterany, for runs past the partition limit
+    rdzv_port: int = 29500
+    # EKS
+    job_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob | job (Indexed Job)
+    namespace: Optional[str] = None
+    runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
+    service_account: Optional[str] = None  # S3 and MLflow credentials via IRSA / Pod Identity
+    queue: Optional[str] = None  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
+    shm_gib: int = 64  # memory-backed /dev/shm for data-loader workers and NCCL
+
+
+@dataclass
+class LaunchConfig:
+    """What `python -m launch` does with the rendered job; the trainer only reads `rendered`."""
+
+    dry_run: bool = False  # print the job, submit nothing
+    max_restarts: int = 0  # torchrun --max-restarts (cluster=local)
+    # where the run's outputs, checkpoints and the rendered job go; null: outputs/launch/<time>
+    run_dir: Optional[str] = None
+    wait: bool = False  # SLURM/EKS: wait for the job to end and report its MLflow run
+    # set by the launcher: the rendered job file, logged (redacted) to the MLflow run
+    rendered: Optional[str] = None
+    # set by the sweep launcher (hydra/launcher=slurm|eks): one MLflow parent run per sweep dir
+    sweep_dir: Optional[str] = None
+    job_num: int = 0
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # optimizer steps to train; the LR schedule ends here
     # ranks per node; null: the hardware's (chips_per_node x ranks_per_chip), 1 on cpu
     devices: Optional[int] = None
-    precision: str = "32-true"
-    log_every_n_steps: int = 10
-    progress_bar: bool = True
+    precision: str = "32-true"  # Lightning precision: parameters and autocast dtype
+    log_every_n_steps: int = 10  # a progress line and a metrics point every N steps
+    progress_bar: bool = True  # progress (loss, tok/s, MFU): a bar on a terminal, else log lines
 
 
 @dataclass
 class PlanConfig:
+    # `python -m trainer.plan`: also build the chosen mesh at full size on a fake process group
     validate: bool = False
     output: Optional[str] = None  # write the chosen plan as JSON here
-    mfu: float = 0.4  # assumed fraction of peak FLOP/s that compute reaches
+    # The step-time model's assumptions (trainer/plan/planner.py step_time). Sources of the
+    # defaults, and how far they miss published throughput: docs/planning.md, "Calibration".
+    # mfu: fraction of dense peak FLOP/s the matmuls reach. torchtitan measured 33-39% MFU for
+    # Llama 3.1 8B FSDP on H100 at 500 W (pytorch/torchtitan benchmarks/
+    # llama3_h100_202412_torchtitan.md @31a17bf); NVIDIA/Megatron-LM's README: "up to 47% MFU on
+    # H100 clusters".
+    mfu: float = 0.4
+    # overlap: fraction of compute time FSDP / replica traffic can hide behind. FSDP2 prefetches
+    # the next unit's all-gather during this unit's compute and reduce-scatters during backward.
+    overlap: float = 1.0
+    # link_efficiency: fraction of a link's nominal one-way bandwidth a large collective reaches.
+    # nccl-tests all-reduce bus bandwidth on 8x H100 SXM NVLink: 460-480 GB/s against 450 GB/s
+    # nominal (docs.alayanew.com/en/docs/tech-blog/2026-05-06-nccl-tests): no derating.
+    link_efficiency: float = 1.0
+    # pue: facility power over IT power, for energy figures. AWS data centers' global average
+    # for 2025: 1.14 (sustainability.aboutamazon.com/environment/the-cloud, read 2026-12).
+    pue: float = 1.14
     memory_headroom: float = 0.9  # plans may use this fraction of a rank's memory
 
 
@@ -199,7 +286,8 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    seed: int = 1234
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
     def ranks_per_node(self) -> int:
@@ -216,6 +304,29 @@ class RunConfig:
     @property
     def uses_reference_model(self) -> bool:
         return self.model._target_ == ModelConfig._target_
+
+
+class Key(str):
+    """A config key's dotted name, whose attributes are its sub-keys: `KEY.parallelism.tp` is
+    "parallelism.tp". Built from the schema, so other modules name keys in errors without
+    spelling them, and a key that does not exist fails as an AttributeError where it is named."""
+
+    def __getattr__(self, name: str) -> Key:
+        raise AttributeError(f"{self or 'the root config'} has no key {name!r}")
+
+
+def _keys(schema: type, prefix: str = "") -> Key:
+    node = Key(prefix.rstrip("."))
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        sub = (_keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint)
+               else Key(f"{prefix}{f.name}"))
+        object.__setattr__(node, f.name, sub)
+    return node
+
+
+KEY = _keys(RunConfig)
 
 
 # Free-form option dicts: `group.storage_options.endpoint_url=...` adds a key without a `+`.
@@ -249,6 +360,17 @@ def load(overrides: Sequence[str] = ()) -> RunConfig:
 CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
 
 
+@contextlib.contextmanager
+def exit_on_config_error(*also: type[BaseException]) -> Iterator[None]:
+    """A config error (or one of `also`, e.g. a missing dataset) raised inside becomes one line on
+    stderr and exit code 2: how every entry point reports bad input."""
+    try:
+        yield
+    except (*CONFIG_ERRORS, *also) as exc:
+        print(f"config error: {describe(exc)}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG_ERROR) from None
+
+
 def describe(exc: BaseException) -> str:
     """A config error as one line: Hydra's and OmegaConf's messages carry multi-line context
     (full_key, object_type) that repeats what the first lines say."""
@@ -277,7 +399,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
-                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster):
+                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan):
         check(run)
     return run
 
@@ -313,6 +435,9 @@ def _check_hardware(run: RunConfig) -> None:
     for key in ("chips_per_node", "ranks_per_chip", "nodes_per_domain", "memory_gib_per_chip",
                 "peak_tflops_bf16"):
         _positive(f"hardware.{key}", getattr(hw, key))
+    for key in ("power_w", "node_power_w", "price_per_hour"):
+        if getattr(hw, key) is not None:
+            _positive(f"hardware.{key}", getattr(hw, key))
 
 
 def _check_model(run: RunConfig) -> None:
@@ -354,52 +479,37 @@ def _check_data(run: RunConfig) -> None:
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
 
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost
-
-
-def mesh_dims(run: RunConfig) -> dict[str, int]:
-    """The explicit `parallelism.*` dims with the one -1 filled from the world size."""
-    p = run.parallelism
-    dims = {name: getattr(p, name) for name in MESH_DIMS}
-    for name, size in dims.items():
-        if size == 0 or size < -1:
-            raise ConfigError(f"parallelism.{name}", size, "must be a positive size, or -1 to fill")
-    filled = [name for name, size in dims.items() if size == -1]
-    if len(filled) > 1:
-        raise ConfigError(f"parallelism.{filled[1]}", -1,
-                          f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    fixed = math.prod(size for size in dims.values() if size > 0)
-    world = run.world_size
-    if filled:
-        if world % fixed:
-            raise ConfigError(f"parallelism.{filled[0]}", -1,
-                              f"the other dims multiply to {fixed}, which does not divide the "
-                              f"world size {world} (cluster.nodes x trainer.devices)")
-        dims[filled[0]] = world // fixed
-    elif fixed != world:
-        raise ConfigError("parallelism", "x".join(str(v) for v in dims.values()),
-                          f"dp_replicate x dp_shard x cp x tp = {fixed} must equal the world "
-                          f"size {world} (cluster.nodes x trainer.devices)")
-    return dims
-
-
-def dp_size(run: RunConfig) -> int:
-    """Data-parallel size (dp_replicate x dp_shard) of an explicit mesh."""
-    dims = mesh_dims(run)
-    return dims["dp_replicate"] * dims["dp_shard"]
+MESH_DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "tp")
+FSDP_DTYPES = ("float32", "bfloat16")
 
 
 def _check_parallelism(run: RunConfig) -> None:
+    """Each dim on its own, and the dtypes against the precision, whatever the parallelism: the
+    shape against the world size, the model and the hardware is the planner's to check."""
     p = run.parallelism
-    if p.name == "auto":
-        return
-    mesh_dims(run)
-    if p.cp != 1:
+    filled = []
+    for name in MESH_DIM_KEYS:
+        size = getattr(p, name)
+        if size is None:
+            continue
+        if size == 0 or size < -1:
+            raise ConfigError(f"parallelism.{name}", size, "must be a positive size, or -1 to fill")
+        if size == -1:
+            filled.append(name)
+    if len(filled) > 1:
+        raise ConfigError(f"parallelism.{filled[1]}", -1,
+                          f"only one dim may be -1 (parallelism.{filled[0]} already is)")
+    if p.cp not in (None, 1, -1):
         raise ConfigError("parallelism.cp", p.cp, "context parallel is not implemented yet; use 1")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:
-            _one_of(f"parallelism.{key}", value, ("float32", "bfloat16"))
+            _one_of(f"parallelism.{key}", value, FSDP_DTYPES)
+    if run.trainer.precision == "bf16-true" and p.param_dtype == "float32":
+        raise ConfigError("parallelism.param_dtype", p.param_dtype,
+                          "with trainer.precision=bf16-true the weights are bf16 already; "
+                          "gathering them as float32 doubles the traffic for no precision: use "
+                          "bfloat16 or null")
 
 
 def _check_optim(run: RunConfig) -> None:
@@ -407,11 +517,12 @@ def _check_optim(run: RunConfig) -> None:
     _positive("optim.lr", o.lr)
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.min_lr_ratio", o.min_lr_ratio, "must be between 0 and 1")
-    if o.warmup_steps < 0:
+    if o.warmup_steps is not None and o.warmup_steps < 0:
         raise ConfigError("optim.warmup_steps", o.warmup_steps, "must be 0 or more")
-    if o.warmup_steps >= run.trainer.max_steps:
+    if o.warmup_steps is not None and o.warmup_steps >= run.trainer.max_steps:
         raise ConfigError("optim.warmup_steps", o.warmup_steps,
-                          f"must be less than trainer.max_steps={run.trainer.max_steps}")
+                          f"must be less than trainer.max_steps={run.trainer.max_steps} (or null: "
+                          f"{WARMUP_FRACTION:.0%} of it)")
     for key in ("beta1", "beta2"):
         if not 0 <= getattr(o, key) < 1:
             raise ConfigError(f"optim.{key}", getattr(o, key), "must be in [0, 1)")
@@ -435,13 +546,8 @@ def _check_trainer(run: RunConfig) -> None:
     if run.hardware.device_type == "cpu" and t.precision == "16-mixed":
         raise ConfigError("trainer.precision", t.precision,
                           "fp16 needs an accelerator; on cpu use 32-true or bf16-mixed")
-    d = run.data
-    if d.global_batch_size is not None and run.parallelism.name != "auto":
-        per_step = d.micro_batch_size * dp_size(run)
-        if d.global_batch_size % per_step:
-            raise ConfigError("data.global_batch_size", d.global_batch_size,
-                              f"must be a multiple of data.micro_batch_size x data-parallel size "
-                              f"= {d.micro_batch_size} x {dp_size(run)} = {per_step}")
+    if run.data.global_batch_size is not None:
+        _positive("data.global_batch_size", run.data.global_batch_size)
 
 
 def _check_checkpoint(run: RunConfig) -> None:
@@ -467,3 +573,94 @@ def _check_cluster(run: RunConfig) -> None:
     c = run.cluster
     _one_of("cluster.kind", c.kind, CLUSTER_KINDS)
     _positive("cluster.nodes", c.nodes)
+    _one_of("cluster.job_kind", c.job_kind, EKS_JOB_KINDS)
+    time_limit_seconds(c.time_limit)
+    for key in ("preempt_warning_s", "max_requeues"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"cluster.{key}", getattr(c, key), "must be 0 or more")
+    _positive("cluster.chain", c.chain)
+    _positive("cluster.shm_gib", c.shm_gib)
+    if not 0 < c.rdzv_port < 65536:
+        raise ConfigError("cluster.rdzv_port", c.rdzv_port, "must be a TCP port, 1-65535")
+    if run.launch.max_restarts < 0:
+        raise ConfigError("launch.max_restarts", run.launch.max_restarts, "must be 0 or more")
+
+
+def time_limit_seconds(text: str) -> int:
+    """`cluster.time_limit` in seconds, read the way sbatch --time reads it: minutes, MM:SS,
+    HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+    allowed = "a time sbatch --time accepts: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS"
+    text = str(text).strip()
+    has_days = "-" in text
+    days, _, rest = text.partition("-") if has_days else ("", "", text)
+    parts = rest.split(":")
+    if (has_days and not days.isdigit()) or not all(p.isdigit() for p in parts) \
+            or len(parts) > 3:
+        raise ConfigError("cluster.time_limit", text, allowed)
+    nums = [int(p) for p in parts]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, s = [*nums, 0, 0][:3]
+        seconds = int(days) * 86400 + h * 3600 + m * 60 + s
+    elif len(nums) == 1:
+        seconds = nums[0] * 60
+    elif len(nums) == 2:
+        seconds = nums[0] * 60 + nums[1]
+    else:
+        seconds = nums[0] * 3600 + nums[1] * 60 + nums[2]
+    if seconds <= 0:
+        raise ConfigError("cluster.time_limit", text, "must be longer than zero; " + allowed)
+    return seconds
+
+
+def _check_plan(run: RunConfig) -> None:
+    p = run.plan
+    for key in ("mfu", "link_efficiency"):
+        if not 0 < getattr(p, key) <= 1:
+            raise ConfigError(f"plan.{key}", getattr(p, key), "must be in (0, 1]")
+    if not 0 <= p.overlap <= 1:
+        raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
+    if p.pue < 1:
+        raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")
+
+
+# Checks that need facts from outside the config (the environment, this machine, the dataset's
+# index): the caller gathers the facts, the keys are named here.
+
+
+def check_launchable(run: RunConfig, *, in_cluster: bool) -> None:
+    """What `python -m trainer` itself can start: one node (more go through `launch`)."""
+    if run.cluster.nodes > 1 and not in_cluster:
+        raise ConfigError("cluster.nodes", run.cluster.nodes,
+                          "a run of several nodes starts through `python -m launch` (SLURM, EKS) "
+                          "or torchrun on each node; `python -m trainer` alone runs one node")
+
+
+def check_drivable(run: RunConfig, *, cuda_devices: int, neuron_missing: str | None) -> None:
+    """Whether this machine can drive `run.hardware`: `cuda_devices` GPUs are visible and
+    `neuron_missing` says why TorchNeuron cannot be imported (None: it can). Planning needs none
+    of this (`python -m trainer.plan` plans a GPU cluster from a laptop); training does."""
+    hw = run.hardware
+    plan_hint = f"plan it here with `python -m trainer.plan hardware={hw.name}`"
+    if hw.device_type == "neuron" and hw.backend == "xla":
+        raise ConfigError("hardware", hw.name,
+                          f"{hw.name} trains only through the XLA path (torch-neuronx with "
+                          "PyTorch/XLA), which ultramesh does not implement yet; TorchNeuron "
+                          f"(backend neuron) starts at Trn2; {plan_hint}")
+    if hw.device_type == "neuron" and neuron_missing:
+        raise ConfigError("hardware", hw.name, neuron_missing)
+    if hw.device_type == "cuda" and cuda_devices == 0:
+        raise ConfigError("hardware", hw.name,
+                          "needs CUDA GPUs and torch sees none on this machine; run it on a GPU "
+                          f"node (`python -m launch`), or {plan_hint}")
+    if hw.device_type == "cuda" and cuda_devices < run.ranks_per_node:
+        raise ConfigError("trainer.devices", run.ranks_per_node,
+                          f"this machine has {cuda_devices} CUDA GPU(s); set trainer.devices to "
+                          f"at most {cuda_devices}")
+
+
+def check_dataset(run: RunConfig, *, vocab_size: int) -> None:
+    """The dataset's token ids (up to `vocab_size` - 1) must all have an embedding."""
+    if run.uses_reference_model and vocab_size > run.model.vocab_size:
+        raise ConfigError("model.vocab_size", run.model.vocab_size,
+                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
+                          f"{vocab_size - 1}; use a vocabulary of at least {vocab_size}")

@@ -6,11 +6,11 @@ what tracking records about the command line.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,14 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from trainer import checkpoint, tracking
-from trainer.config import ConfigError, RunConfig, locate
-from trainer.data import TokenDataModule
+from trainer.config import RunConfig
+from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
+from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
-from trainer.plan import MeshPlan, plan
+from trainer.plan import MeshPlan
+from trainer.preemption import Preemption, isolate_restart_attempts
+from trainer.preflight import check_startable
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +41,31 @@ class FitResult:
 
 
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
-        sweep: tracking.SweepInfo | None = None) -> FitResult:
-    mesh_plan = plan(run)
-    run = with_plan(run, mesh_plan)
+        sweep: tracking.SweepInfo | None = None,
+        callbacks: Sequence[pl.Callback] = ()) -> FitResult:
+    """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
+    mesh_plan = check_startable(run)  # again: callers may come in without preflight
     _quiet_lightning()
     _same_threads_on_every_rank(run)
+    isolate_restart_attempts()
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
-    module = build_module(run)
+    module = build_module(run, mesh_plan)
     data = TokenDataModule(run.data, seed=run.seed)
-    _check_data_fits_model(run, data)
+    # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
+    # fails its checksum) stop the run here with one line, before any process group exists.
+    data.setup()
     # A destination that cannot be written, or a resume URL that is not a committed checkpoint,
     # stops the run here, before any step or MLflow run exists.
     checkpoint.check_destination(run.checkpoint, run_dir)
     ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
 
+    if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
+        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
-                           rank=_global_rank(run), sweep=sweep)
+                           rank=_global_rank(run), sweep=sweep,
+                           launch_artifact=_launch_artifact(run))
     monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
     checkpoints = checkpoint.CheckpointIO(
@@ -69,25 +79,25 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         keep_every=run.checkpoint.keep_every, async_save=run.checkpoint.async_save,
         on_saved=track.log_checkpoint if track else None,
         on_failed=track.log_checkpoint_failure if track else None)
-    callbacks: list[pl.Callback] = [monitor, saver]
+    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
+    every: list[pl.Callback] = [monitor, saver, preemption]
     if run.trainer.progress_bar:
-        callbacks.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
+        every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
                                                                   run.trainer.max_steps // 20)))
     if track:
-        callbacks += track.callbacks
+        every += track.callbacks
+    every += callbacks
 
-    plugins = _precision_plugins(run)
     trainer = pl.Trainer(
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
         strategy=checkpoint.attach(build_strategy(run, mesh_plan), checkpoints),
-        precision=None if plugins else run.trainer.precision,
-        plugins=plugins,
+        plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
-        accumulate_grad_batches=_accumulation(run, mesh_plan),
+        accumulate_grad_batches=mesh_plan.accumulation,
         logger=track.logger if track else False,
-        callbacks=callbacks,
+        callbacks=every,
         default_root_dir=run_dir,
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by
         # global rank, wrong under tensor parallel) and its position is part of the checkpoint.
@@ -101,21 +111,21 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     )
     if ckpt_path and trainer.is_global_zero:
         log.info("resuming from %s", ckpt_path)
-    status = "FAILED"
+    ended: BaseException | None = None
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        status = "FINISHED" if not trainer.interrupted else "KILLED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        ended = exc
+        if isinstance(exc, SIGTERMException):
+            # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
+            # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
+            raise SystemExit(128 + signal.SIGTERM) from exc
         raise
-    except SIGTERMException as exc:
-        # Lightning turns SIGTERM into a SystemExit without a code, which would exit 0: a
-        # scheduler would count a preempted job as succeeded. Exit as a process killed by it.
-        status = "KILLED"
-        raise SystemExit(128 + signal.SIGTERM) from exc
     finally:
         if track:
-            track.close(status)
+            # a preempted run stopped early on purpose: this attempt is KILLED, not FINISHED
+            stopped = trainer.interrupted or preemption.stopped
+            track.close(tracking.status_for(ended, interrupted=stopped))
     result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
     if trainer.is_global_zero:
@@ -123,38 +133,17 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     return result
 
 
-def _check_data_fits_model(run: RunConfig, data: TokenDataModule) -> None:
-    """Open the dataset before anything else starts: a missing or unreadable dataset, or token ids
-    the model has no embedding for, stop the run here with one line."""
-    if run.uses_reference_model and data.vocab_size > run.model.vocab_size:
-        raise ConfigError("model.vocab_size", run.model.vocab_size,
-                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
-                          f"{data.vocab_size - 1}; use a vocabulary of at least {data.vocab_size}")
-
-
-def with_plan(run: RunConfig, mesh_plan: MeshPlan) -> RunConfig:
-    """`run` with its parallelism settled: -1 filled and, for `auto`, the planner's choice, so
-    everything downstream reads one concrete mesh."""
-    dims = dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True))
-    parallelism = dataclasses.replace(
-        run.parallelism, **dims, activation_checkpointing=mesh_plan.activation_checkpointing)
-    return dataclasses.replace(run, parallelism=parallelism)
-
-
-def build_module(run: RunConfig) -> pl.LightningModule:
-    """The reference decoder's module, or the user's `model._target_` built from `model.kwargs`."""
-    if run.uses_reference_model:
-        from trainer.module import LanguageModel
-
-        return LanguageModel(run)
-    return locate(run.model._target_)(**run.model.kwargs)
+def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
+    """The job file `python -m launch` rendered for this run (tracking logs it, redacted)."""
+    path = Path(run.launch.rendered) if run.launch.rendered else None
+    return (path.name, path.read_text()) if path and path.is_file() else None
 
 
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
     hardware = run.hardware
-    if mesh_plan.dp_shard == 1 and mesh_plan.tp == 1 and mesh_plan.cp == 1:
-        if mesh_plan.world_size == 1:
-            return checkpoint.single_process(hardware.device_type)
+    if mesh_plan.world_size == 1:
+        return checkpoint.single_process(hardware.device_type)
+    if mesh_plan.replicas_only:
         return checkpoint.data_parallel(hardware.backend)
     from trainer.mesh import MeshStrategy
 
@@ -170,29 +159,11 @@ def _accelerator(run: RunConfig) -> Any:
     return run.hardware.device_type
 
 
-def _precision_plugins(run: RunConfig) -> list[Any]:
-    """Lightning builds autocast for "cuda" whenever the accelerator is an object, as the Neuron
-    one is; mixed precision on Neuron needs its device named. (Untested: no Trainium here.)"""
-    if run.hardware.device_type != "neuron" or "mixed" not in run.trainer.precision:
-        return []
-    from pytorch_lightning.plugins.precision import MixedPrecision
-
-    return [MixedPrecision(run.trainer.precision, device="neuron")]
-
-
-def _accumulation(run: RunConfig, mesh_plan: MeshPlan) -> int:
-    if run.data.global_batch_size is None:
-        return 1
-    return run.data.global_batch_size // (run.data.micro_batch_size * mesh_plan.dp_size)
-
-
 def _throughput(run: RunConfig, mesh_plan: MeshPlan, hardware: HardwareSpec,
                 module: pl.LightningModule) -> Throughput:
-    tokens = (run.data.micro_batch_size * run.data.seq_len * mesh_plan.dp_size
-              * _accumulation(run, mesh_plan))
     flops = getattr(module, "flops_per_token", None)
     return Throughput(
-        tokens_per_step=tokens,
+        tokens_per_step=mesh_plan.tokens_per_step,
         flops_per_token=flops(run.data.seq_len) if callable(flops) else None,
         peak_flops_per_chip=hardware.peak_flops_per_rank() * run.hardware.ranks_per_chip,
         chips=mesh_plan.world_size / run.hardware.ranks_per_chip,
@@ -214,7 +185,8 @@ def _quiet_lightning() -> None:
 def _same_threads_on_every_rank(run: RunConfig) -> None:
     """Give every CPU rank the same intra-op thread count, exported before Lightning starts the
     other ranks: ranks that run different thread counts round differently, tensor-parallel ranks
-    drift apart by an ulp and a resumed run no longer matches (NOTES.md, exact resume)."""
+    drift apart by an ulp and a resumed run no longer matches the straight one (Lightning's
+    launcher leaves rank 0 at one thread after it starts the others)."""
     if run.hardware.device_type != "cpu" or run.ranks_per_node == 1:
         return
     threads = os.environ.setdefault(
@@ -234,20 +206,10 @@ def _global_rank(run: RunConfig) -> int:
 
 def _report(result: FitResult, track: tracking.Tracking | None) -> None:
     if result.metrics:
-        log.info("final loss %.4f after %s", result.metrics.get("train/loss", float("nan")),
-                 f"{result.plan.world_size} rank(s), mesh "
-                 + " x ".join(f"{n}={s}" for n, s in zip(result.plan.dim_names, result.plan.shape,
-                                                          strict=True)))
+        log.info("final loss %.4f after %d rank(s), mesh %s",
+                 result.metrics.get("train/loss", float("nan")), result.plan.world_size,
+                 result.plan.describe())
     if result.checkpoint:
         log.info("checkpoint: %s", result.checkpoint)
     if track is not None:
         log.info("MLflow run %s; see it with: %s", track.run_id, track.ui_hint)
-
-
-def check_launchable(run: RunConfig) -> None:
-    """What `python -m trainer` itself can start: one node (more go through `launch`)."""
-    in_cluster = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
-    if run.cluster.nodes > 1 and not in_cluster:
-        raise ConfigError("cluster.nodes", run.cluster.nodes,
-                          "a run of several nodes starts through `python -m launch` (SLURM, EKS) "
-                          "or torchrun on each node; `python -m trainer` alone runs one node")

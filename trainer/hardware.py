@@ -83,16 +83,27 @@ class HardwareSpec:
             return c.intra_domain_bw_gbs * 1e9 / c.ranks_per_chip
         return c.efa_bw_gbps * 1e9 / 8 / self.ranks_per_node
 
-    def link_between(self, span_ranks: int, stride_ranks: int) -> Link:
-        """The slowest link a mesh dim crosses when its `span_ranks` members sit `stride_ranks`
-        apart in torchrun's node-major rank order."""
-        extent = (span_ranks - 1) * stride_ranks + 1
-        if span_ranks == 1 or extent <= self.ranks_per_node:
-            return "node"
-        if extent <= self.ranks_per_domain:
-            return "domain"
-        return "inter"
+    @property
+    def node_power_w(self) -> float | None:
+        """Watts one node draws: the published whole-server figure, else chips x the chip's
+        published power (which leaves out host CPUs, memory and NICs); None where neither is
+        published."""
+        c = self.config
+        if c.node_power_w is not None:
+            return c.node_power_w
+        return None if c.power_w is None else c.power_w * c.chips_per_node
 
+    @property
+    def power_basis(self) -> str:
+        """What `node_power_w` counts: "server", "chips only" or "nf"."""
+        if self.config.node_power_w is not None:
+            return "server"
+        return "chips only" if self.config.power_w is not None else "nf"
+
+    @property
+    def price_per_node_hour(self) -> float | None:
+        """On-demand USD per node (instance) hour; None where no price is published."""
+        return self.config.price_per_hour
 
 def catalog() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "hardware").glob("*.yaml"))

@@ -66,8 +66,7 @@ class MeshStrategy(ModelParallelStrategy):
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         if self.global_rank == 0:
-            log.info("device mesh %s over %s", describe_mesh(self.plan),
-                     self.hardware.device_type)
+            log.info("device mesh %s over %s", self.plan.describe(), self.hardware.device_type)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -111,11 +110,6 @@ def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:
     replicate, shard = mesh["dp_replicate"], mesh["dp_shard"]
     rank = replicate.get_local_rank() * shard.size() + shard.get_local_rank()
     return replicate.size() * shard.size(), rank
-
-
-def describe_mesh(plan: MeshPlan) -> str:
-    return " x ".join(f"{name}={size}" for name, size in zip(plan.dim_names, plan.shape,
-                                                              strict=True))
 
 
 # ------------------------------------------------------------------------------------------------

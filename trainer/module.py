@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, locate
 from trainer.models.llama import ModelArgs, Transformer, flops_per_token
+from trainer.models.parallelize import COMPILE_BACKENDS, parallelize
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
+from trainer.plan import MeshPlan
 
 
 class LanguageModel(pl.LightningModule):
-    """Builds the decoder in `configure_model`, so a sharding strategy can lay it out over its
-    device mesh first (`self.device_mesh` is set by the mesh strategy before that hook runs)."""
+    """Builds the decoder in `configure_model`, born sharded: constructed on the meta device,
+    laid out over the plan's device mesh (`self.device_mesh`, set by the mesh strategy before
+    that hook runs), then each rank allocates and initialises only its own shards."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, plan: MeshPlan):
         super().__init__()
         self.run = run
+        self.plan = plan
         self.args = ModelArgs.from_config(run.model)
         self.model: Transformer | None = None
         # Read by the step monitor: kept on the device so logging never forces a sync per step.
@@ -29,22 +35,23 @@ class LanguageModel(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again, e.g. when resuming
             return
-        # Every rank draws the same initial weights: parameters that tensor parallel does not split
-        # would otherwise start different on each TP rank and silently diverge.
-        torch.manual_seed(self.run.seed)
-        model = Transformer(self.args)
-        mesh = self._mesh()
-        if mesh is not None:
-            from trainer.models.parallelize import parallelize
-
-            parallelize(model, mesh, self.run.parallelism, precision=self.run.trainer.precision)
+        # Lightning calls this hook inside `with <its device>:` and the precision plugin's dtype
+        # context, so the default device is where the shards belong and the default dtype is the
+        # parameters' (bf16 under "bf16-true").
+        device = torch.get_default_device()
+        with torch.device("meta"):
+            model = Transformer(self.args)
+        mesh = self.device_mesh
+        if self.plan.uses_mesh and mesh is None:  # never train unsharded what the plan shards
+            raise RuntimeError(f"the plan {self.plan.describe()} shards the model, but no device "
+                               f"mesh was handed to the module (a mesh strategy sets it before "
+                               f"configure_model)")
+        parallelize(model, mesh if self.plan.uses_mesh else None, self.plan,
+                    self.run.parallelism, precision=self.run.trainer.precision,
+                    compile_backend=_compile_backend(device))
+        model.to_empty(device=device)
+        model.init_weights(seed=self.run.seed, buffer_device=device)
         self.model = model
-
-    def _mesh(self):
-        try:
-            return self.device_mesh
-        except (AttributeError, RuntimeError):  # no mesh strategy (DDP or a single process)
-            return None
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -65,3 +72,32 @@ class LanguageModel(pl.LightningModule):
         # Lightning's own clipping stacks norms across meshes, which fails under tensor parallel;
         # ours is mesh-aware and also measures the norm the monitor logs.
         self.last_grad_norm = clip_grad_norm(self.model.parameters(), self.run.optim.grad_clip)
+
+
+def build_module(run: RunConfig, plan: MeshPlan) -> pl.LightningModule:
+    """The reference decoder's module, or the user's `model._target_` built from `model.kwargs`.
+    The trainer and the plan validation both build it here."""
+    if run.uses_reference_model:
+        return LanguageModel(run, plan)
+    return locate(run.model._target_)(**run.model.kwargs)
+
+
+def precision_plugin(run: RunConfig, device_type: str | None = None) -> Any:
+    """Lightning's precision plugin for trainer.precision, built here rather than by Lightning so
+    that the plan validation runs the model under the very same contexts, and because Lightning
+    builds autocast for "cuda" whenever the accelerator is an object, as the Neuron one is (the
+    device is named here; untested on Neuron: no Trainium here). `device_type` overrides the
+    hardware's, for a validation that runs on the CPU what will run elsewhere."""
+    from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
+
+    precision = run.trainer.precision
+    if precision.endswith("-mixed"):
+        device = device_type or run.hardware.device_type
+        return MixedPrecision(precision, device=device)  # type: ignore[arg-type]
+    if precision.endswith("-true") and precision != "32-true":
+        return HalfPrecision(precision)  # type: ignore[arg-type]
+    return Precision()
+
+
+def _compile_backend(device: torch.device) -> str:
+    return COMPILE_BACKENDS.get(device.type, "inductor")

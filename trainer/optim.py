@@ -41,7 +41,7 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     def factor(step: int) -> float:
-        return lr_factor(step, warmup_steps=cfg.warmup_steps, max_steps=max_steps,
+        return lr_factor(step, warmup_steps=cfg.warmup(max_steps), max_steps=max_steps,
                          min_lr_ratio=cfg.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,12 +1,14 @@
 """One rank of `tests/models/test_parallelize.py`: run under `torchrun --nproc_per_node=4`.
 
-For each scenario (a mesh shape and parallelism options) every rank builds the decoder with the
-same seed, parallelizes it, and trains a few AdamW steps on its data-parallel slice of each global
-batch with the project's AdamW (`trainer.optim.build_optimizer`), clipping with
-`trainer.optim.clip_grad_norm`. Beside it, every rank trains an unsharded copy
-on the whole global batch: the one-process reference. Rank 0 writes, per scenario, the largest
-loss difference, the largest relative weight difference after training and the gradient norms
-both measured, as JSON to the path given as the first argument.
+For each scenario (a mesh shape and parallelism options) every rank builds the decoder as the
+trainer does (meta device, parallelize, then its own shards allocated and initialised from the
+seed), checks that the gathered initial weights equal a one-process build's exactly, and trains
+a few steps on its data-parallel slice of each global batch with the project's AdamW
+(`trainer.optim.build_optimizer`), clipping with `trainer.optim.clip_grad_norm`. Beside it,
+every rank trains an unsharded copy on the whole global batch: the one-process reference.
+Rank 0 writes, per scenario, the initial weights' difference, the largest loss difference, the
+largest relative weight difference after training and the gradient norms both measured, as
+JSON to the path given as the first argument.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from trainer.mesh import data_parallel_rank
 from trainer.models.llama import ModelArgs, Transformer
 from trainer.models.parallelize import parallelize
 from trainer.optim import build_optimizer, clip_grad_norm
+from trainer.plan import MeshPlan
 
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 # n_kv_heads = n_heads = 4 lets tp go up to 4; vocab 96 splits evenly over 2 and 4
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, ffn_dim=128,
                  max_seq_len=16)
-STEPS, MICRO_BATCH, MAX_NORM = 3, 2, 0.5
+STEPS, MICRO_BATCH, MAX_NORM, SEED = 3, 2, 0.5, 1234
 OPTIM = OptimConfig(lr=1e-2)
 
 
@@ -62,14 +65,17 @@ SCENARIOS = [
 def run(scenario: Scenario) -> dict[str, float]:
     args = ModelArgs(**{**ARGS.__dict__, "tie_embeddings": scenario.tie_embeddings})
     mesh = init_device_mesh("cpu", scenario.shape, mesh_dim_names=DIMS)
-    torch.manual_seed(0)
-    model = Transformer(args)
-    torch.manual_seed(0)
-    reference = Transformer(args)
+    plan = MeshPlan(*scenario.shape, activation_checkpointing=scenario.activation_checkpointing)
     cfg = ParallelismConfig(sequence_parallel=scenario.sequence_parallel,
-                            activation_checkpointing=scenario.activation_checkpointing,
                             compile=scenario.compile_backend is not None)
-    parallelize(model, mesh, cfg, compile_backend=scenario.compile_backend)
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize(model, mesh, plan, cfg, compile_backend=scenario.compile_backend)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=SEED)
+    reference = Transformer(args)
+    reference.init_weights(seed=SEED)
+    init_diff = _weight_difference(model, reference, absolute=True)
     replicas, dp_rank = data_parallel_rank(mesh)
 
     optimizer = build_optimizer(model, OPTIM)
@@ -98,18 +104,22 @@ def run(scenario: Scenario) -> dict[str, float]:
         mean_loss /= dist.get_world_size()
         loss_diff = max(loss_diff, abs(mean_loss.item() - ref_loss.item()))
         norm_diff = max(norm_diff, abs(norm.item() - ref_norm.item()) / ref_norm.item())
-    return {"loss_diff": loss_diff, "grad_norm_rel_diff": norm_diff,
+    return {"init_abs_diff": init_diff, "loss_diff": loss_diff, "grad_norm_rel_diff": norm_diff,
             "weight_rel_diff": _weight_difference(model, reference)}
 
 
-def _weight_difference(model: torch.nn.Module, reference: torch.nn.Module) -> float:
-    """Largest ||w - w_ref|| / ||w_ref|| over parameters, each gathered whole."""
+def _weight_difference(model: torch.nn.Module, reference: torch.nn.Module, *,
+                       absolute: bool = False) -> float:
+    """Largest ||w - w_ref|| / ||w_ref|| (or largest |w - w_ref| with absolute=True) over
+    parameters, each gathered whole."""
     ref = dict(reference.named_parameters())
     worst = 0.0
     for name, param in model.named_parameters():
         full = param.full_tensor() if isinstance(param, DTensor) else param
         expected = ref[name.replace("_checkpoint_wrapped_module.", "")]
-        worst = max(worst, ((full - expected).norm() / expected.norm()).item())
+        diff = ((full - expected).abs().max() if absolute
+                else (full - expected).norm() / expected.norm())
+        worst = max(worst, diff.item())
     return worst
 
 
@@ -122,7 +132,7 @@ def diverged_tp_ranks() -> str:
     with torch.no_grad():
         model.norm.weight.add_(dist.get_rank())
     try:
-        parallelize(model, mesh, ParallelismConfig())
+        parallelize(model, mesh, MeshPlan(1, 2, 1, 2), ParallelismConfig())
     except RuntimeError as exc:
         return str(exc)
     return ""

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import manifest as mf
+import trainer.checkpoint.manifest as mf
 from trainer.checkpoint.storage import one_line
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.trainer import call
 
-from trainer.checkpoint import retention
+import trainer.checkpoint.retention as retention
 from trainer.checkpoint.io import CheckpointIO, SaveResult, restore_rng
 from trainer.checkpoint.manifest import step_name
 from trainer.checkpoint.storage import join

@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from trainer.checkpoint import manifest as mf
+import trainer.checkpoint.manifest as mf
 from trainer.checkpoint.io import MODEL_KEY, SafeLoadPlanner
 from trainer.checkpoint.storage import join
 

@@ -49,7 +49,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from trainer.checkpoint import manifest as mf
+import trainer.checkpoint.manifest as mf
 from trainer.checkpoint.storage import HashingWriter, filesystem, join, one_line
 
 log = logging.getLogger(__name__)

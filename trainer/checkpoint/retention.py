@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from trainer.checkpoint import manifest as mf
+import trainer.checkpoint.manifest as mf
 from trainer.checkpoint.storage import filesystem
 
 log = logging.getLogger(__name__)

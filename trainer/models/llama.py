@@ -11,47 +11,23 @@ checkpointing and torch.compile from outside, which is why the model keeps to a 
   that holds a column shard of wq/wk/wv computes with just its own heads;
 - blocks live in an `nn.ModuleDict` keyed "0".."n-1", so each can be wrapped or replaced by key;
 - rotary tables are real cos/sin buffers (no complex dtype), kept out of checkpoints;
-- the constructor may run on the meta device: `init_weights()` fills every parameter and buffer
-  afterwards, from torch's global RNG.
+- the constructor may run on the meta device: `init_weights(seed)` fills every parameter and
+  buffer afterwards, each shard with the values the whole tensor would have (`trainer.models.init`),
+  so the initial weights depend on the seed and never on the mesh.
 """
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trainer.models import init
+from trainer.models.shape import ModelArgs, flops_per_token, num_params
+
+__all__ = ["ModelArgs", "Transformer", "flops_per_token", "num_params"]
+
 INIT_STD = 0.02  # GPT-2's initialisation scale, which Llama reference implementations keep
-
-
-@dataclass
-class ModelArgs:
-    """The decoder's shape; field names are the shape keys of `trainer.config.ModelConfig`."""
-
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    vocab_size: int = 256
-    ffn_dim: int = 768
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-
-    @classmethod
-    def from_config(cls, model_cfg: Any) -> ModelArgs:
-        """The shape keys of a `ModelConfig` (or a DictConfig of one); `_target_`, `name` and
-        `kwargs` are not part of the shape."""
-        return cls(**{f.name: getattr(model_cfg, f.name) for f in fields(cls)})
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
@@ -93,8 +69,6 @@ class RMSNorm(nn.Module):
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
 
 
 class Attention(nn.Module):
@@ -122,11 +96,6 @@ class Attention(nn.Module):
                                              enable_gqa=k.size(1) != q.size(1))
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
-    def init_weights(self, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, std=INIT_STD)
-        nn.init.normal_(self.wo.weight, std=out_std)
-
 
 class FeedForward(nn.Module):
     """SwiGLU (Shazeer 2020): w2(silu(w1 x) * w3 x), w1 the gate, w3 the up projection."""
@@ -139,11 +108,6 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def init_weights(self, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, std=INIT_STD)
-        nn.init.normal_(self.w3.weight, std=INIT_STD)
-        nn.init.normal_(self.w2.weight, std=out_std)
 
 
 class TransformerBlock(nn.Module):
@@ -159,12 +123,6 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
         return x + self.feed_forward(self.ffn_norm(x))
-
-    def init_weights(self, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.attention.init_weights(out_std)
-        self.ffn_norm.reset_parameters()
-        self.feed_forward.init_weights(out_std)
 
 
 class Transformer(nn.Module):
@@ -194,58 +152,26 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin)
         return self.output(self.norm(h))
 
-    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
-        """(Re)initialise every parameter and the rotary tables, drawing from the global RNG.
+    def init_weights(self, seed: int = 0, buffer_device: torch.device | str | None = None) -> None:
+        """(Re)initialise every parameter and the rotary tables.
 
-        After `to_empty()` the rotary buffers hold garbage and tied weights are two tensors
-        again, so both are restored here. Output projections (wo, w2) feed the residual stream,
-        which sums 2 x n_layers of them: their std shrinks by sqrt(2 x n_layers) to keep its
-        variance flat with depth (Radford et al. 2019, GPT-2, section 2.3).
+        Each parameter is drawn from `seed` and its own name (`trainer.models.init`), so a rank
+        that holds a shard fills just that shard, with the values one process would draw for the
+        whole model. Embeddings and input projections get N(0, 0.02^2); the projections into the
+        residual stream (wo, w2) a std shrunk by depth; norms start at one. After `to_empty()` the
+        rotary buffers hold garbage and tied weights are two tensors again: both are restored here.
         """
         args = self.args
         device = buffer_device if buffer_device is not None else self.rope_cos.device
         self.rope_cos, self.rope_sin = rotary_tables(args.head_dim, args.max_seq_len,
                                                      args.rope_theta, device)
-        nn.init.normal_(self.tok_embeddings.weight, std=INIT_STD)
-        out_std = INIT_STD / math.sqrt(2 * args.n_layers)
-        for layer in self.layers.values():
-            layer.init_weights(out_std)
-        self.norm.reset_parameters()
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        else:
-            nn.init.normal_(self.output.weight, std=INIT_STD)
-
-
-def num_params(args: ModelArgs, *, include_embedding: bool = True) -> int:
-    """Parameter count from the shape alone, without building the model.
-
-    include_embedding=False leaves out the token-embedding table, a lookup that does no
-    arithmetic. The output projection stays: it is a matmul over every token. With tied
-    embeddings the shared matrix is counted once, as the output projection.
-    """
-    kv_dim = args.n_kv_heads * args.head_dim
-    attention = 2 * args.dim * args.dim + 2 * args.dim * kv_dim  # wq, wo; wk, wv
-    feed_forward = 3 * args.dim * args.ffn_dim  # w1, w2, w3
-    block = attention + feed_forward + 2 * args.dim  # + two RMSNorm weights
-    head = args.dim + args.vocab_size * args.dim  # final norm + output projection
-    non_embedding = args.n_layers * block + head
-    separate_table = not args.tie_embeddings and include_embedding
-    return non_embedding + (args.vocab_size * args.dim if separate_table else 0)
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token: 6N + 12 * n_layers * dim * seq_len.
-
-    The PaLM convention (Chowdhery et al. 2022, appendix B), which torchtitan also uses for MFU:
-    each weight does one multiply-add per token in the forward pass and two in the backward (6N,
-    N the non-embedding parameters); attention's scores and weighted sum add 2 x 2 x seq_len x dim
-    per layer forward (counted the same way in Chinchilla, Hoffmann et al. 2022, appendix F),
-    times 3 for forward + backward.
-    Causal mask: the attention term counts the full seq_len x seq_len score matrix, as PaLM does,
-    although the mask makes half of it unnecessary; a kernel that skips masked blocks does about
-    half that work, so MFU from this figure is comparable with published ones, not a hardware count.
-    """
-    dense = 6 * num_params(args, include_embedding=False)
-    attention = 12 * args.n_layers * args.dim * seq_len
-    return float(dense + attention)
+        residual_std = init.output_std(INIT_STD, args.n_layers)
+        for name, param in self.named_parameters():
+            key = init.canonical_name(name)
+            if key.endswith("norm.weight"):
+                init.fill_ones_(param)
+            else:
+                std = residual_std if key.endswith(("wo.weight", "w2.weight")) else INIT_STD
+                init.fill_normal_(param, key, seed, std)

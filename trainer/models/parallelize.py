@@ -1,13 +1,16 @@
 """Lay the reference decoder out over a device mesh: tensor parallel, torch.compile, activation
-checkpointing, then FSDP2, each block at a time.
+checkpointing, then FSDP2, each block at a time. The model is still on the meta device here; the
+module allocates and initialises each rank's shards afterwards (`Transformer.init_weights`).
 
 FSDP2 comes last because it shards the DTensors tensor parallel made and wraps whatever the blocks
-have become. Checkpointing wraps the compiled block rather than being compiled into it (torchtitan's
-order): with torch 2.13, AOTAutograd refuses a checkpointed tensor-parallel block ("expected all
-tensors_saved_with_vc_check to be Tensors"), while a checkpoint around the compiled block trains
-like the eager model. Either way a block keeps only its input for backward.
+have become. Checkpointing wraps the compiled block rather than being compiled into it; torchtitan
+applies AC first and compiles the checkpointed block, but with torch 2.13 AOTAutograd refuses a
+checkpointed tensor-parallel block ("expected all tensors_saved_with_vc_check to be Tensors"),
+while a checkpoint around the compiled block trains like the eager model. Either way a block
+keeps only its input for backward.
 
-The mesh has the dims of `trainer.plan.MESH_DIMS`: ("dp_replicate", "dp_shard", "cp", "tp").
+What to apply comes from the `MeshPlan` (`trainer.plan`), whose dims name the mesh's:
+("dp_replicate", "dp_shard", "cp", "tp").
 
 - Tensor parallel (Megatron-LM's layout, Shoeybi et al. 2019): wq/wk/wv and w1/w3 split by output
   columns, wo and w2 by input rows, so each block needs one all-reduce after attention and one after
@@ -39,56 +42,42 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from trainer.config import ParallelismConfig
+from trainer.config import KEY, ParallelismConfig
 from trainer.models.llama import Transformer
+from trainer.plan import MeshPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.compile backend per device type: TorchNeuron registers its own; inductor elsewhere.
 COMPILE_BACKENDS = {"cuda": "inductor", "cpu": "inductor", "neuron": "neuron"}
 
 
-def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelismConfig, *,
-                precision: str = "32-true", compile_backend: str | None = None) -> Transformer:
+def parallelize(model: Transformer, mesh: DeviceMesh | None, plan: MeshPlan,
+                cfg: ParallelismConfig, *, precision: str = "32-true",
+                compile_backend: str | None = None) -> Transformer:
     """Apply tensor parallel, compile, activation checkpointing and FSDP2 to `model` in place,
-    as `cfg` and the mesh's sizes ask; returns `model`.
+    as `plan` says, over `mesh` (built from the same plan; None for a plan without one, where
+    only compile and activation checkpointing apply); returns `model`.
 
-    `precision` is Lightning's (trainer.precision): it only has to agree with the FSDP dtypes.
-    `compile_backend` overrides the device type's torch.compile backend (`COMPILE_BACKENDS`).
+    `cfg` gives the switches the plan does not own (sequence parallel, compile, FSDP dtypes);
+    `precision` is Lightning's (trainer.precision). `compile_backend` overrides the device
+    type's torch.compile backend (`COMPILE_BACKENDS`).
     """
-    tp, cp = dim_size(mesh, "tp"), dim_size(mesh, "cp")
-    if cp > 1:
+    if plan.cp > 1:
         raise NotImplementedError("context parallel (cp > 1) is not implemented yet")
-    if tp > 1:
-        check_tp_degree(model, tp)
+    if plan.tensor_parallel:
+        check_tp_degree(model, plan.tp)
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel)
         check_replicated(model, mesh["tp"])
     if cfg.compile:
-        if tp > 1:
+        if plan.tensor_parallel:
             copy_embedding_output(model)
-        apply_compile(model, compile_backend or COMPILE_BACKENDS.get(mesh.device_type, "inductor"))
-    if cfg.activation_checkpointing:
+        device_type = mesh.device_type if mesh is not None else "cpu"
+        apply_compile(model, compile_backend or COMPILE_BACKENDS.get(device_type, "inductor"))
+    if plan.activation_checkpointing:
         apply_activation_checkpointing(model)
-    dp_mesh = data_parallel_mesh(mesh)
-    if dp_mesh is not None:
-        apply_fsdp(model, dp_mesh, mixed_precision_policy(cfg, precision))
+    if plan.fsdp:
+        apply_fsdp(model, mesh[plan.fsdp_dim_names], mixed_precision_policy(cfg))
     return model
-
-
-def dim_size(mesh: DeviceMesh, name: str) -> int:
-    """Size of dim `name`, 1 when the mesh has no such dim."""
-    names = mesh.mesh_dim_names or ()
-    return mesh.size(names.index(name)) if name in names else 1
-
-
-def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh | None:
-    """The mesh FSDP2 works over: (dp_replicate, dp_shard) for HSDP, dp_shard alone without
-    replicas, None when there is no data parallelism at all."""
-    replicate, shard = dim_size(mesh, "dp_replicate"), dim_size(mesh, "dp_shard")
-    if replicate * shard == 1:
-        return None
-    if replicate > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,9 +89,9 @@ def check_tp_degree(model: Transformer, tp: int) -> None:
     needs each rank's query heads to share that rank's key/value heads. (Other split dims may be
     uneven: DTensor pads them.)"""
     args = model.args
-    for what, size in (("model.n_heads", args.n_heads), ("model.n_kv_heads", args.n_kv_heads)):
+    for what, size in ((KEY.model.n_heads, args.n_heads), (KEY.model.n_kv_heads, args.n_kv_heads)):
         if size % tp:
-            raise ValueError(f"parallelism.tp={tp} must divide {what}={size}")
+            raise ValueError(f"{KEY.parallelism.tp}={tp} must divide {what}={size}")
 
 
 def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *,
@@ -224,16 +213,10 @@ def apply_compile(model: Transformer, backend: str) -> None:
 # FSDP2
 
 
-def mixed_precision_policy(cfg: ParallelismConfig, precision: str) -> MixedPrecisionPolicy:
+def mixed_precision_policy(cfg: ParallelismConfig) -> MixedPrecisionPolicy:
     """FSDP's gather and reduce dtypes from parallelism.param_dtype / reduce_dtype (None: the
-    parameters' own dtype, as the planner assumes).
-
-    Under "bf16-true" the parameters already are bf16; gathering them as float32 would double the
-    traffic and add no precision, so that combination is refused.
-    """
-    if precision == "bf16-true" and cfg.param_dtype == "float32":
-        raise ValueError("parallelism.param_dtype=float32 with trainer.precision=bf16-true "
-                         "gathers bf16 weights as float32: use bfloat16 or leave it null")
+    parameters' own dtype, as the planner assumes; `trainer.config` refuses combinations that
+    make no sense with the precision)."""
     return MixedPrecisionPolicy(
         param_dtype=DTYPES[cfg.param_dtype] if cfg.param_dtype else None,
         reduce_dtype=DTYPES[cfg.reduce_dtype] if cfg.reduce_dtype else None,

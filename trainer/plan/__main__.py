@@ -11,12 +11,18 @@ import shutil
 import sys
 from pathlib import Path
 
-from trainer.config import CONFIG_ERRORS, MESH_DIMS, RunConfig, compose, describe, validate
+from trainer.config import (
+    RunConfig,
+    compose,
+    exit_on_config_error,
+    validate,
+)
 from trainer.hardware import GIB
-from trainer.plan.planner import MeshPlan, candidates, plan, preference
+from trainer.plan.planner import MESH_DIMS, MeshPlan, RunFacts, all_candidates, plan, preference
 
 USAGE = """\
 usage: python -m trainer.plan [--all] [KEY=VALUE | GROUP=OPTION ...]
+       python -m trainer.plan compare tokens=N [hardware=A,B,...] ...   (see compare --help)
 
 Plan a run's device mesh without starting it. The arguments are the Hydra overrides `python -m
 trainer` takes; the same config is composed and validated. Prints the candidate meshes
@@ -27,6 +33,8 @@ or with parallelism=auto the fastest feasible candidate.
   --all            also list rejected candidates, each with the reason
   plan.output=F    write the chosen plan as JSON to F
   plan.mfu=X       assumed fraction of peak FLOP/s compute reaches (default 0.4)
+  plan.overlap=X   fraction of compute time FSDP traffic hides behind (default 1)
+  plan.link_efficiency=X   fraction of nominal link bandwidth collectives reach (default 1)
   plan.memory_headroom=X   fraction of a rank's memory a plan may use (default 0.9)
   plan.validate=true       also build the mesh with a fake process group and check it
 
@@ -38,33 +46,36 @@ examples:
 
 A plan that cannot run prints one line on stderr and exits with status 2."""
 
-EXIT_CONFIG_ERROR = 2
-
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["compare"]:
+        from trainer.plan.compare import main as compare
+
+        return compare(args[1:])
     if {"-h", "--help"} & set(args):
         print(USAGE)
         return 0
     show_all = "--all" in args
     overrides = [a for a in args if a != "--all"]
-    try:
+    with exit_on_config_error():
         run = validate(compose(overrides))
-        plans = sorted(candidates(run), key=lambda p: (not p.feasible, preference(p)))
+        plans = sorted(all_candidates(RunFacts.of(run)),
+                       key=lambda p: (not p.feasible, preference(p)))
         chosen = plan(run)
-    except CONFIG_ERRORS as exc:
-        print(f"config error: {describe(exc)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
     print_table(run, plans, chosen, show_all=show_all)
     if run.plan.validate:
         # torch and a fake process group: only when asked for, after the table is out
+        from trainer.validate_plan import PlanValidationError
         from trainer.validate_plan import validate as validate_plan
 
-        try:
-            print(validate_plan(run, chosen).render())
-        except CONFIG_ERRORS as exc:
-            print(f"config error: {describe(exc)}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
+        with exit_on_config_error():
+            try:
+                print(validate_plan(run, chosen).render())
+            except PlanValidationError as exc:
+                if exc.report is not None:  # the figures, then the one-line refusal
+                    print(exc.report.render())
+                raise
     if run.plan.output:
         write_json(run, chosen, Path(run.plan.output))
         print(f"wrote {run.plan.output}")

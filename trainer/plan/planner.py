@@ -25,9 +25,9 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from trainer.config import MESH_DIMS, ConfigError, RunConfig, mesh_dims
+from trainer.config import KEY, ConfigError, RunConfig
 from trainer.hardware import GIB, HardwareSpec, Link
-from trainer.models.llama import ModelArgs, flops_per_token
+from trainer.models.shape import ModelArgs, flops_per_token
 
 # Dtype widths in bytes. Mixed precision computes in 16 bits; "32-true" computes in fp32, which
 # the hardware spec counts against its bf16 peak.
@@ -57,13 +57,21 @@ class Rejection:
         return ConfigError(self.key, self.value, self.why)
 
 
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost
+
+
 @dataclass(frozen=True)
 class MeshPlan:
-    """A mesh shape over named dims, with the planner's estimates for it.
+    """A mesh shape over named dims, the batch it carries, and the planner's estimates for it.
 
-    Two plans are equal when their dims and activation checkpointing agree; the estimates
-    (bytes per rank by kind, seconds per step by kind, the link each dim crosses, throughput,
-    MFU and the rejection, None when feasible) ride along.
+    The one value that owns the mesh's vocabulary (like torchtitan's `ParallelDims`): its dims,
+    what parallelism they switch on (`replicas_only`, `fsdp`, `tensor_parallel`), how a global
+    batch splits into micro-batches (`accumulation`, `tokens_per_step`) and its text forms.
+    The strategy, the module and `parallelize` ask it; nothing downstream re-derives these.
+
+    Two plans are equal when their dims and activation checkpointing agree; the batch and the
+    estimates (bytes per rank by kind, seconds per step by kind, the link each dim crosses,
+    throughput, MFU and the rejection, None when feasible) ride along.
     """
 
     dp_replicate: int
@@ -71,6 +79,9 @@ class MeshPlan:
     cp: int
     tp: int
     activation_checkpointing: bool = False
+    micro_batch_size: int = field(default=1, compare=False)
+    seq_len: int = field(default=1, compare=False)
+    global_batch_size: int | None = field(default=None, compare=False)
     memory_breakdown: dict[str, float] = field(default_factory=dict, compare=False)
     time_breakdown: dict[str, float] = field(default_factory=dict, compare=False)
     links: dict[str, str] = field(default_factory=dict, compare=False)
@@ -102,6 +113,50 @@ class MeshPlan:
         return self.dp_shard * self.cp
 
     @property
+    def replicas_only(self) -> bool:
+        """Plain data parallel over several ranks: each holds the whole model, and torch DDP
+        runs it without a device mesh."""
+        return self.dp_replicate > 1 and self.shape[1:] == (1, 1, 1)
+
+    @property
+    def uses_mesh(self) -> bool:
+        """Anything beyond whole-model replicas: the mesh strategy builds the device mesh and
+        the model is born sharded on it."""
+        return self.world_size > 1 and not self.replicas_only
+
+    @property
+    def fsdp(self) -> bool:
+        """FSDP2 wraps the model: there is data parallelism on a mesh (over dp_replicate alone
+        with tp it only replicates, as HSDP with shards of one)."""
+        return self.dp_size > 1 and not self.replicas_only
+
+    @property
+    def fsdp_dim_names(self) -> tuple[str, ...]:
+        """The mesh dims FSDP2 works over: HSDP's (replicate, shard) pair, or the shard dim."""
+        return ("dp_replicate", "dp_shard") if self.dp_replicate > 1 else ("dp_shard",)
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank (1 when the global batch
+        is not set: it is then micro_batch_size x dp size)."""
+        if self.global_batch_size is None:
+            return 1
+        return max(1, self.global_batch_size // (self.micro_batch_size * self.dp_size))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch_size * self.seq_len * self.dp_size * self.accumulation
+
+    @property
+    def tokens_per_microbatch(self) -> float:
+        """Tokens one rank's activations cover: context parallel splits the sequence."""
+        return self.micro_batch_size * self.seq_len / self.cp
+
+    @property
     def memory_bytes_per_rank(self) -> float:
         return sum(self.memory_breakdown.values())
 
@@ -111,7 +166,13 @@ class MeshPlan:
 
     @property
     def mesh_str(self) -> str:
+        """The short form, "1x8x1x4" (dims as in `dim_names`)."""
         return "x".join(map(str, self.shape))
+
+    def describe(self) -> str:
+        """The long form, "dp_replicate=1 x dp_shard=8 x cp=1 x tp=4", with AC when on."""
+        text = " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, self.shape, strict=True))
+        return text + (", activation checkpointing" if self.activation_checkpointing else "")
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """This rank's index along each dim, in the row-major layout of `init_device_mesh`."""
@@ -238,7 +299,7 @@ class Widths:
     def of(cls, run: RunConfig, plan: MeshPlan) -> Widths:
         precision, p = run.trainer.precision, run.parallelism
         master = 2 if precision == "bf16-true" else 4
-        fsdp_casts = _fsdp_wraps(plan) and p.param_dtype is not None
+        fsdp_casts = plan.fsdp and p.param_dtype is not None
         precision_compute = 4 if precision == "32-true" else 2
         compute = _WIDTH[p.param_dtype] if fsdp_casts else precision_compute
         residual = compute if fsdp_casts or precision == "bf16-true" else 4
@@ -266,21 +327,13 @@ class RunFacts:
                             run.ranks_per_node * run.hardware.nodes_per_domain)
         return cls(run, hardware, args, Params.of(args), topology)
 
-    def accumulation(self, dp_size: int) -> int:
-        """Micro-batches per optimizer step on each data-parallel rank (1 when the global batch
-        is not set: it is then micro_batch_size x dp size)."""
+    def bare_plan(self, dims: tuple[int, ...], activation_checkpointing: bool) -> MeshPlan:
+        """A plan of `dims` carrying this run's batch, before any estimate."""
         d = self.run.data
-        if d.global_batch_size is None:
-            return 1
-        return max(1, d.global_batch_size // (d.micro_batch_size * dp_size))
-
-    def tokens_per_step(self, dp_size: int) -> int:
-        d = self.run.data
-        return d.micro_batch_size * d.seq_len * dp_size * self.accumulation(dp_size)
-
-    def tokens_per_microbatch(self, cp: int) -> float:
-        """Tokens one rank's activations cover: context parallel splits the sequence."""
-        return self.run.data.micro_batch_size * self.run.data.seq_len / cp
+        return MeshPlan(*dims, activation_checkpointing=activation_checkpointing,
+                        micro_batch_size=d.micro_batch_size, seq_len=d.seq_len,
+                        global_batch_size=d.global_batch_size,
+                        links=dim_links(self.topology, tuple(dims)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,21 +379,10 @@ def memory_breakdown(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
         "optimizer": 2 * local * w.master,
         "autocast_weights": p.matmul / plan.tp * w.compute if w.autocast_copies else 0.0,
         "fsdp_buffers": unit * (2 * w.gather + w.reduce) if plan.fsdp_size > 1 else 0.0,
-        "ddp_buckets": local * w.reduce if _is_plain_ddp(plan) else 0.0,
+        "ddp_buckets": local * w.reduce if plan.replicas_only else 0.0,
         "activations": activation_bytes(facts, plan, w),
         "logits": logits_bytes(facts, plan, w),
     }
-
-
-def _is_plain_ddp(plan: MeshPlan) -> bool:
-    """Replicas only: the trainer runs these with torch DDP, not on a device mesh."""
-    return plan.dp_replicate > 1 and plan.shape[1:] == (1, 1, 1)
-
-
-def _fsdp_wraps(plan: MeshPlan) -> bool:
-    """FSDP2 wraps the model on a mesh with data parallelism (`parallelize.data_parallel_mesh`;
-    over dp_replicate alone it only replicates)."""
-    return plan.dp_size > 1 and not _is_plain_ddp(plan)
 
 
 def activation_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
@@ -378,16 +420,20 @@ def activation_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
     else:
         blocks = args.n_layers * block
     final_norm = norm + w.compute * args.dim
-    return facts.tokens_per_microbatch(plan.cp) * (blocks + final_norm)
+    return plan.tokens_per_microbatch * (blocks + final_norm)
 
 
 def logits_bytes(facts: RunFacts, plan: MeshPlan, w: Widths) -> float:
     """The loss's working set: the head's logits in the compute dtype, the fp32 copy
     cross_entropy works on (its log-softmax output, kept for backward) and that copy's gradient,
-    vocab_size values each per token. Counted unsplit by tp: the head's output is gathered
-    (Replicate) for a plain cross_entropy; a vocab-parallel loss would divide it by tp."""
-    per_token = facts.args.vocab_size * (w.compute + _FP32_LOSS_BYTES)
-    return facts.tokens_per_microbatch(plan.cp) * per_token
+    and under 16-bit compute the logits' own 16-bit gradient beside it, vocab_size values each
+    per token (measured: 12 bytes per token and vocabulary entry in fp32 and in bf16, by the
+    memory tracker on the real step, `trainer.validate_plan`). Counted unsplit by tp: the head's
+    output is gathered (Replicate) for a plain cross_entropy; a vocab-parallel loss would divide
+    it by tp."""
+    low_precision_grad = w.compute if w.compute < 4 else 0
+    per_token = facts.args.vocab_size * (w.compute + _FP32_LOSS_BYTES + low_precision_grad)
+    return plan.tokens_per_microbatch * per_token
 
 
 def _ring_allreduce(nbytes: float, n: int) -> float:
@@ -410,7 +456,7 @@ def tp_bytes_per_microbatch(facts: RunFacts, plan: MeshPlan, w: Widths) -> float
     args, n = facts.args, plan.tp
     if n == 1:
         return 0.0
-    tokens = facts.tokens_per_microbatch(plan.cp)
+    tokens = plan.tokens_per_microbatch
     hidden = tokens * args.dim * w.compute
     per_block = 4 + (2 if plan.activation_checkpointing else 0)
     return (args.n_layers * per_block * _ring_allreduce(hidden, n)
@@ -431,15 +477,16 @@ def step_time(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
         (it reshards after forward) and reduce-scatters the gradients, over the FSDP group's link.
     replicate: the replicas all-reduce the (sharded) gradients once per step over their link
         (gradient sync is skipped on accumulation micro-batches).
-    exposed_dp: the FSDP and replica traffic overlaps compute (prefetch, backward hooks); only
-        what exceeds compute adds to the step.
-    Bandwidth only: latency per collective is not modelled.
+    exposed_dp: the FSDP and replica traffic overlaps plan.overlap of the compute time
+        (prefetch, backward hooks); only what exceeds that adds to the step.
+    Links run at plan.link_efficiency of their nominal bandwidth. Bandwidth only: latency per
+    collective is not modelled.
     """
     run, hw, args = facts.run, facts.hardware, facts.args
     w = Widths.of(run, plan)
     links = plan.links or dim_links(facts.topology, plan.shape)
-    accumulation = facts.accumulation(plan.dp_size)
-    tokens = facts.tokens_per_step(plan.dp_size)
+    accumulation = plan.accumulation
+    tokens = plan.tokens_per_step
     flops = flops_per_token(args, run.data.seq_len) * tokens / plan.world_size
     if plan.activation_checkpointing:
         flops *= _RECOMPUTE_FACTOR
@@ -454,13 +501,13 @@ def step_time(facts: RunFacts, plan: MeshPlan) -> dict[str, float]:
     def seconds(nbytes: float, link: Link) -> float:
         if not nbytes:
             return 0.0
-        bandwidth = hw.link_bandwidth(link)
+        bandwidth = hw.link_bandwidth(link) * run.plan.link_efficiency
         return nbytes / bandwidth if bandwidth > 0 else math.inf  # no such link: never done
 
     tp = seconds(tp_bytes, links["tp"])
     fsdp = seconds(fsdp_bytes, links["fsdp"])
     replicate = seconds(replicate_bytes, links["dp_replicate"])
-    exposed_dp = max(0.0, fsdp + replicate - compute)
+    exposed_dp = max(0.0, fsdp + replicate - run.plan.overlap * compute)
     return {"compute": compute, "tp": tp, "fsdp": fsdp, "replicate": replicate,
             "exposed_dp": exposed_dp, "step": compute + tp + exposed_dp}
 
@@ -473,22 +520,23 @@ def structural_rejection(facts: RunFacts, plan: MeshPlan) -> Rejection | None:
     """The first rule of the mesh's shape that `plan` breaks, before any estimate."""
     run, args, topo = facts.run, facts.args, facts.topology
     if plan.world_size != topo.world:
-        return Rejection("parallelism", plan.mesh_str,
+        return Rejection(KEY.parallelism, plan.mesh_str,
                          f"dp_replicate x dp_shard x cp x tp = {plan.world_size} must equal the "
                          f"world size {topo.world} (cluster.nodes x ranks per node)")
     if plan.cp != 1:
-        return Rejection("parallelism.cp", plan.cp,
+        return Rejection(KEY.parallelism.cp, plan.cp,
                          "context parallel is not implemented yet; use 1")
     for key in ("n_heads", "n_kv_heads"):
         heads = getattr(args, key)
         if heads % plan.tp:
-            return Rejection("parallelism.tp", plan.tp, f"does not divide model.{key}={heads}")
+            return Rejection(KEY.parallelism.tp, plan.tp,
+                             f"does not divide {getattr(KEY.model, key)}={heads}")
     if plan.tp > topo.ranks_per_node and topo.world > topo.ranks_per_node:
-        return Rejection("parallelism.tp", plan.tp,
+        return Rejection(KEY.parallelism.tp, plan.tp,
                          f"spans nodes: a {run.hardware.name} node has {topo.ranks_per_node} "
                          f"ranks, and tensor parallel stays inside one")
     if topo.ranks_per_node % plan.tp and topo.world > topo.ranks_per_node:
-        return Rejection("parallelism.tp", plan.tp,
+        return Rejection(KEY.parallelism.tp, plan.tp,
                          f"does not divide the {topo.ranks_per_node} ranks of a node, so some "
                          f"tp groups would straddle two nodes")
     return _batch_rejection(run, plan) or _link_rejection(facts, plan)
@@ -498,7 +546,7 @@ def _batch_rejection(run: RunConfig, plan: MeshPlan) -> Rejection | None:
     d = run.data
     per_step = d.micro_batch_size * plan.dp_size
     if d.global_batch_size is not None and d.global_batch_size % per_step:
-        return Rejection("data.global_batch_size", d.global_batch_size,
+        return Rejection(KEY.data.global_batch_size, d.global_batch_size,
                          f"must be a multiple of data.micro_batch_size x data-parallel size = "
                          f"{d.micro_batch_size} x {plan.dp_size} = {per_step}")
     return None
@@ -508,7 +556,7 @@ def _link_rejection(facts: RunFacts, plan: MeshPlan) -> Rejection | None:
     links = plan.links or dim_links(facts.topology, plan.shape)
     for name, size in zip(MESH_DIMS, plan.shape, strict=True):
         if size > 1 and facts.hardware.link_bandwidth(links[name]) <= 0:
-            return Rejection(f"parallelism.{name}", size,
+            return Rejection(getattr(KEY.parallelism, name), size,
                              f"crosses the {links[name]} link, which {facts.hardware.name} "
                              f"does not have (its bandwidth is 0)", kind="link")
     return None
@@ -522,22 +570,21 @@ def memory_rejection(facts: RunFacts, plan: MeshPlan) -> Rejection | None:
         return None
     part, largest = max(plan.memory_breakdown.items(), key=lambda item: item[1])
     hint = (" (parallelism.param_dtype=bfloat16 has FSDP gather 16-bit weights instead)"
-            if part == "autocast_weights" and _fsdp_wraps(plan) else "")
+            if part == "autocast_weights" and plan.fsdp else "")
     ac = ", activation checkpointing" if plan.activation_checkpointing else ""
-    return Rejection("parallelism", plan.mesh_str + ac,
+    return Rejection(KEY.parallelism, plan.mesh_str + ac,
                      f"needs {need / GIB:.1f} GiB per rank (largest: {part} "
                      f"{largest / GIB:.1f} GiB{hint}), {facts.hardware.name} has "
                      f"{budget / GIB:.1f} GiB ({usable / GIB:.1f} usable at "
-                     f"plan.memory_headroom={facts.run.plan.memory_headroom})", kind="memory")
+                     f"{KEY.plan.memory_headroom}={facts.run.plan.memory_headroom})", kind="memory")
 
 
 def evaluate(facts: RunFacts, dims: tuple[int, int, int, int],
              activation_checkpointing: bool) -> MeshPlan:
     """One candidate with its estimates and, if it cannot run, the reason."""
-    bare = MeshPlan(*dims, activation_checkpointing=activation_checkpointing,
-                    links=dim_links(facts.topology, dims))
+    bare = facts.bare_plan(dims, activation_checkpointing)
     times = step_time(facts, bare)
-    tokens_per_s = facts.tokens_per_step(bare.dp_size) / times["step"]
+    tokens_per_s = bare.tokens_per_step / times["step"]
     model_flops = flops_per_token(facts.args, facts.run.data.seq_len) * tokens_per_s
     estimated = replace(bare, memory_breakdown=memory_breakdown(facts, bare),
                         time_breakdown=times, step_seconds=times["step"],
@@ -558,14 +605,6 @@ def factorizations(world: int) -> list[tuple[int, int, int, int]]:
             for tp in divisors for shard in divisors if (world // tp) % shard == 0]
 
 
-def candidates(run: RunConfig) -> list[MeshPlan]:
-    """Every factorization of the world size, with and without activation checkpointing,
-    feasible or not, each with its estimates and rejection."""
-    facts = RunFacts.of(run)
-    return [evaluate(facts, dims, ac)
-            for dims in factorizations(run.world_size) for ac in (False, True)]
-
-
 def preference(plan: MeshPlan) -> tuple[float, bool, float]:
     """Sort key, best first: highest throughput; among ties (all traffic hidden behind compute),
     dp_shard inside a domain, then the least memory."""
@@ -574,39 +613,87 @@ def preference(plan: MeshPlan) -> tuple[float, bool, float]:
 
 
 def plan(run: RunConfig) -> MeshPlan:
-    """The plan a run uses: its explicit dims (one -1 filled from the world size), checked, or
-    with parallelism.name=auto the best feasible candidate. Raises ConfigError naming the key
-    to change when the plan cannot run."""
+    """The plan a run uses. With parallelism.name=auto: the best feasible candidate among those
+    that keep every dim the user set (`constraints`); otherwise the explicit dims (one -1
+    filled from the world size, unset dims 1), checked. Raises ConfigError naming the key to
+    change when no such plan can run; a refused explicit plan names the auto plan, if any fits."""
     if run.parallelism.name == "auto":
         return _best(run, candidates(run))
     facts = RunFacts.of(run)
-    chosen = evaluate(facts, explicit_dims(run), run.parallelism.activation_checkpointing)
+    ac = bool(run.parallelism.activation_checkpointing)
+    chosen = evaluate(facts, explicit_dims(run), ac)
     if chosen.reason is None:
         return chosen
-    error = chosen.reason.as_config_error()
-    if chosen.reason.kind == "memory" and not chosen.activation_checkpointing:
+    why = chosen.reason.why
+    if chosen.reason.kind == "memory" and not ac:
         with_ac = evaluate(facts, chosen.shape, True)  # type: ignore[arg-type]
         if with_ac.feasible:
-            error = ConfigError(chosen.reason.key, chosen.reason.value,
-                                f"{chosen.reason.why}; with parallelism.activation_"
-                                f"checkpointing=true it needs "
-                                f"{with_ac.memory_bytes_per_rank / GIB:.1f} GiB")
-    raise error
+            why += (f"; with {KEY.parallelism.activation_checkpointing}=true it needs "
+                    f"{with_ac.memory_bytes_per_rank / GIB:.1f} GiB")
+    unconstrained = [p for p in all_candidates(facts) if p.feasible]
+    if unconstrained:
+        best = min(unconstrained, key=preference)
+        why += f"; {KEY.parallelism}=auto fits: {best.describe()}"
+    raise ConfigError(chosen.reason.key, chosen.reason.value, why)
+
+
+def constraints(run: RunConfig) -> dict[str, int]:
+    """The dims a user fixed under parallelism=auto: set and not -1 (which means "the rest")."""
+    p = run.parallelism
+    return {name: size for name in MESH_DIMS
+            if (size := getattr(p, name)) is not None and size != -1}
+
+
+def candidates(run: RunConfig) -> list[MeshPlan]:
+    """The candidates auto chooses from: every factorization of the world size that keeps the
+    fixed dims (`constraints`), with and without activation checkpointing unless that is fixed
+    too, feasible or not, each with its estimates and rejection."""
+    fixed = constraints(run)
+    ac = run.parallelism.activation_checkpointing
+    return [p for p in all_candidates(RunFacts.of(run))
+            if all(getattr(p, name) == size for name, size in fixed.items())
+            and (ac is None or p.activation_checkpointing == ac)]
+
+
+def all_candidates(facts: RunFacts) -> list[MeshPlan]:
+    return [evaluate(facts, dims, ac)
+            for dims in factorizations(facts.topology.world) for ac in (False, True)]
 
 
 def _best(run: RunConfig, plans: list[MeshPlan]) -> MeshPlan:
     feasible = [p for p in plans if p.feasible]
     if feasible:
         return min(feasible, key=preference)
+    fixed = constraints(run)
+    if not plans:
+        name, size = next(iter(fixed.items()))
+        others = ", ".join(f"{getattr(KEY.parallelism, n)}={v}" for n, v in fixed.items()
+                           if n != name)
+        raise ConfigError(getattr(KEY.parallelism, name), size,
+                          f"no mesh of {run.world_size} ranks (cluster.nodes x ranks per node) "
+                          f"has it{' with ' + others if others else ''}; the fixed dims must "
+                          f"divide the world size")
     # the plan closest to running: right shape, least memory
     too_big = [p for p in plans if p.reason and p.reason.kind == "memory"] or plans
     leanest = min(too_big, key=lambda p: p.memory_bytes_per_rank)
-    raise ConfigError("parallelism", "auto",
-                      f"none of the {len(plans)} candidates for {run.world_size} ranks fits; "
-                      f"the leanest is rejected: {leanest.reason}")
+    kept = f" that keep {', '.join(f'{getattr(KEY.parallelism, n)}={v}' for n, v in fixed.items())}"
+    raise ConfigError(KEY.parallelism, "auto",
+                      f"none of the {len(plans)} candidates for {run.world_size} ranks"
+                      f"{kept if fixed else ''} fits; the leanest is rejected: {leanest.reason}")
 
 
 def explicit_dims(run: RunConfig) -> tuple[int, int, int, int]:
-    """parallelism.{dp_replicate, dp_shard, cp, tp} with one -1 filled from the world size."""
-    dims = mesh_dims(run)
+    """parallelism.{dp_replicate, dp_shard, cp, tp} of an explicit plan: unset dims are 1, and
+    one -1 is filled from the world size."""
+    p = run.parallelism
+    dims = {name: 1 if getattr(p, name) is None else getattr(p, name) for name in MESH_DIMS}
+    filled = [name for name, size in dims.items() if size == -1]
+    fixed = math.prod(size for size in dims.values() if size > 0)
+    world = run.world_size
+    if filled:
+        if world % fixed:
+            raise ConfigError(getattr(KEY.parallelism, filled[0]), -1,
+                              f"the other dims multiply to {fixed}, which does not divide the "
+                              f"world size {world} (cluster.nodes x trainer.devices)")
+        dims[filled[0]] = world // fixed
     return tuple(dims[name] for name in MESH_DIMS)  # type: ignore[return-value]

@@ -36,11 +36,9 @@ from trainer import tracking
 from trainer.config import compose, validate
 from trainer.fit import FitResult, fit
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-STORAGE_KEY = "AKIAIOSFODNN7EXAMPLE"
 STORAGE_SECRET = "fake-storage-secret-8d1f0c"
-HF_TOKEN = "hf_abcdefghijklmnop"
 MESH = {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "tp": 1}
 # Tracking does not care how big the model is, and the `tiny` preset takes seconds a step on two
 # busy cores: a one-layer decoder keeps each real trainer run to its start-up time.
@@ -210,57 +208,6 @@ def user_module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# --- redaction and params, no server ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("key", "secret"), [
-    ("checkpoint.storage_options.key", True), ("aws_secret_access_key", True),
-    ("hfToken", True), ("db.password", True), ("GOOGLE_APPLICATION_CREDENTIALS", True),
-    ("data.tokenizer", False), ("checkpoint.keep_last", False), ("model.kwargs", False),
-    ("train/tokens_per_s", False),
-])
-def test_secret_keys_are_recognised_by_word(key: str, secret: bool):
-    assert tracking.looks_secret(key) is secret
-
-
-def test_redactor_hides_secret_values_in_trees_and_text():
-    redactor = tracking.Redactor.from_env({"AWS_SECRET_ACCESS_KEY": AWS_SECRET})
-    tree = {"storage_options": {"key": STORAGE_KEY, "endpoint": f"https://x/?sig={AWS_SECRET}"},
-            "lr": 0.1}
-    hidden = redactor.tree(tree)
-    assert STORAGE_KEY not in str(hidden) and AWS_SECRET not in str(hidden)
-    assert hidden["lr"] == 0.1 and hidden["storage_options"]["endpoint"].startswith("https://x/")
-    script = (f"export AWS_SECRET_ACCESS_KEY={AWS_SECRET}\nexport HF_TOKEN='{HF_TOKEN}'\n"
-              f"aws s3 cp --secret-key {STORAGE_KEY} x y\nsrun python -m trainer\n")
-    text = redactor.text(script)
-    for secret in (AWS_SECRET, HF_TOKEN, STORAGE_KEY):
-        assert secret not in text
-    assert "srun python -m trainer" in text and "export HF_TOKEN=" in text
-
-
-def test_a_launch_script_becomes_a_redacted_artifact():
-    # `python -m launch` hands tracking the script it rendered; no trainer run carries one
-    cfg = compose(["trainer.max_steps=8", "optim.warmup_steps=1"])
-    script = (f"#!/bin/bash\nexport AWS_SECRET_ACCESS_KEY={AWS_SECRET}\n"
-              f"export HF_TOKEN={HF_TOKEN}\nsrun python -m trainer\n")
-    record = tracking.RunRecord.build(
-        validate(cfg), resolved_config=OmegaConf.to_container(cfg, resolve=True), overrides=[],
-        mesh_shape=MESH, sweep=None, launch_artifact=("sbatch.sh", script),
-        redactor=tracking.Redactor.from_env({"AWS_SECRET_ACCESS_KEY": AWS_SECRET}))
-    logged = record.artifacts["launch/sbatch.sh"]
-    assert "srun python -m trainer" in logged
-    assert AWS_SECRET not in logged and HF_TOKEN not in logged
-
-
-def test_long_values_are_truncated_with_a_marker():
-    long = "x" * (MAX_PARAM_VAL_LENGTH + 500)
-    params = tracking.config_params({"model": {"kwargs": {"notes": long}, "dim": 64}},
-                                    tracking.Redactor())
-    value = params["model.kwargs.notes"]
-    assert len(value) <= MAX_PARAM_VAL_LENGTH and "truncated" in value
-    assert value.startswith("x" * 1000) and params["model.dim"] == "64"
-
-
 def test_backend_none_turns_tracking_off(tmp_path: Path):
     run = validate(compose(["tracking=none"]))
     assert tracking.setup(run, run_dir=tmp_path, resolved_config={}, overrides=[],
@@ -414,7 +361,7 @@ def test_run_page_shows_the_loss_chart(finished_run: FinishedRun, mlflow_server:
     page = (f"{mlflow_server}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
             "/model-metrics?workflowType=machine_learning")  # the UI's view for training runs
     screenshot = tmp_path / "run-page.png"
-    # flags from NOTES.md: with a smaller time budget the chart is still a spinner. The UI draws
+    # flags found by trial: with a smaller time budget the chart is still a spinner. The UI draws
     # only the chart groups in view and `train/` comes last of the trainer's four: a tall window.
     rendered = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -598,7 +545,7 @@ def test_unreachable_server_is_one_warning_and_training_goes_on(
     with caplog.at_level(logging.WARNING, logger="trainer.tracking"):
         result = fit_in_process(tmp_path, *tracked_by(nobody, "unreachable"),
                                 "trainer.max_steps=3", "checkpoint.every_n_steps=0")
-    warnings = [r for r in caplog.records if r.name == "trainer.tracking"]
+    warnings = [r for r in caplog.records if r.name.startswith("trainer.tracking")]
     assert len(warnings) == 1 and nobody in warnings[0].getMessage()
     assert result.run_id is None and not (tmp_path / "mlflow_run.json").exists()
     assert result.checkpoint and result.checkpoint.endswith("step-00000003.ckpt")

@@ -1,0 +1,121 @@
+"""The resumable sampler and loader: windows, seeds, data-parallel splits, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from trainer.data import (
+    DataError,
+)
+
+from .helpers import (
+    arange_dataset,
+    flat,
+    make_loader,
+    take,
+    window_ids,
+)
+
+
+def test_windows_are_aligned_and_targets_are_shifted(tmp_path):
+    url = arange_dataset(tmp_path, 203)  # 50 windows of 4 (+1) tokens; the last 2 tokens spare
+    batches = take(make_loader(url), 25)
+    for inputs, targets in batches:
+        assert inputs.dtype == targets.dtype == torch.int64
+        assert inputs.shape == targets.shape == (2, 4)
+        assert torch.equal(targets, inputs + 1)
+        assert torch.equal(inputs, inputs[:, :1] + torch.arange(4))
+        assert (inputs[:, 0] % 4 == 0).all()
+    # One epoch visits every window exactly once.
+    assert sorted(flat(window_ids(batches))) == list(range(50))
+
+
+def test_same_seed_same_batches_and_epochs_differ(tmp_path):
+    url = arange_dataset(tmp_path, 201)
+    first, second = take(make_loader(url, seed=7), 50), take(make_loader(url, seed=7), 50)
+    assert window_ids(first) == window_ids(second)
+    epoch0, epoch1 = window_ids(first[:25]), window_ids(first[25:])
+    assert epoch0 != epoch1 and sorted(flat(epoch1)) == list(range(50))
+
+
+def test_different_seeds_differ(tmp_path):
+    url = arange_dataset(tmp_path, 201)
+    assert window_ids(take(make_loader(url, seed=1), 5)) != window_ids(
+        take(make_loader(url, seed=2), 5))
+
+
+def test_sampler_leaves_the_global_rng_alone(tmp_path):
+    url = arange_dataset(tmp_path, 201)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    take(make_loader(url), 30)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_data_parallel_ranks_are_disjoint_and_equal_in_length(tmp_path):
+    url = arange_dataset(tmp_path, 4 * 50 + 1)  # 50 windows; 3 ranks x 2 per batch -> 8 batches
+    loaders = [make_loader(url, replicas=3, rank=rank) for rank in range(3)]
+    assert [len(loader) for loader in loaders] == [8, 8, 8]
+    per_rank = [flat(window_ids(take(loader, 8))) for loader in loaders]
+    seen = flat(per_rank)
+    assert len(seen) == len(set(seen)) == 48 and set(seen) <= set(range(50))
+    # The ranks together read what one rank would read with a batch three times as large.
+    single = make_loader(url, batch_size=6)
+    for b, ids in enumerate(window_ids(take(single, 8))):
+        assert sorted(ids) == sorted(flat(r[2 * b: 2 * b + 2] for r in per_rank))
+
+
+@pytest.mark.parametrize("saved_after", [0, 3, 8, 11])
+def test_state_dict_resumes_exactly_across_epoch_boundaries(tmp_path, saved_after):
+    url = arange_dataset(tmp_path, 4 * 17 + 1)  # 17 windows, batches of 2 -> 8 batches per epoch
+    reference = take(make_loader(url, seed=3), 30)
+
+    interrupted = make_loader(url, seed=3)
+    take(interrupted, saved_after)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # plain values only
+    resumed = make_loader(url, seed=3)
+    resumed.load_state_dict(state)
+    following = take(resumed, 30 - saved_after)
+
+    for (inputs, targets), (ref_inputs, ref_targets) in zip(following, reference[saved_after:],
+                                                            strict=True):
+        assert torch.equal(inputs, ref_inputs) and torch.equal(targets, ref_targets)
+
+
+def test_state_resumes_on_another_data_parallel_split(tmp_path):
+    url = arange_dataset(tmp_path, 4 * 40 + 1)
+    two_ranks = [make_loader(url, batch_size=2, replicas=2, rank=rank) for rank in range(2)]
+    for loader in two_ranks:
+        take(loader, 3)
+    state = two_ranks[0].state_dict()
+    single = make_loader(url, batch_size=4)
+    single.load_state_dict(state)
+    after_single = window_ids(take(single, 4))
+    after_pair = [window_ids(take(loader, 4)) for loader in two_ranks]
+    for b in range(4):
+        assert sorted(after_single[b]) == sorted(after_pair[0][b] + after_pair[1][b])
+
+
+def test_state_from_another_global_batch_is_refused(tmp_path):
+    url = arange_dataset(tmp_path, 201)
+    with pytest.raises(DataError, match="global_batch=2 but this run has 4"):
+        make_loader(url, batch_size=4).load_state_dict(make_loader(url).state_dict())
+
+
+def test_worker_processes_yield_the_same_batches(tmp_path):
+    url = arange_dataset(tmp_path, 4 * 17 + 1)
+    in_process = take(make_loader(url), 12)
+    with_workers = make_loader(url, workers=1)
+    batches = take(with_workers, 12)
+    assert window_ids(batches) == window_ids(in_process)
+    assert with_workers.state_dict()["batches_consumed"] == 4 and with_workers.epoch == 1
+
+
+def test_too_little_data_for_one_batch(tmp_path):
+    url = arange_dataset(tmp_path, 9)
+    with pytest.raises(DataError, match="no global batch"):
+        make_loader(url, batch_size=2, replicas=2)

@@ -1,0 +1,50 @@
+"""What the launch tests share: `python -m launch` as a user runs it, and reading its results."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+# A small run that trains FSDP over two ranks and checkpoints twice on the way.
+SMALL = ["parallelism=fsdp", "trainer.max_steps=12", "checkpoint.every_n_steps=4",
+         "optim.warmup_steps=2", "trainer.log_every_n_steps=1", "trainer.progress_bar=true",
+         "data.micro_batch_size=4", "data.seq_len=64"]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def launch(*overrides: str, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch", *overrides], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_id(run_dir: Path) -> str:
+    return json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+def committed_step(run_dir: Path) -> int | None:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.exists():
+        return None
+    name = latest.read_text().strip()
+    return int(name.removeprefix("step-").removesuffix(".ckpt"))
+
+
+def losses(client, run: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run, "train/loss")}
+
+
+def final_weights(checkpoint: Path) -> dict:
+    """The model's full tensors from a (sharded) checkpoint."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(out))
+    return torch.load(out, weights_only=False)["state_dict"]

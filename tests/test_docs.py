@@ -1,0 +1,261 @@
+"""The manual cannot drift from the code.
+
+- Every shell command in the Quickstart (docs/quickstart.md) and in the README's "Everyday
+  commands" block runs here, read from the markdown itself: a command added to either page is run
+  without a change to this file.
+- Every `$ command` example on the Troubleshooting page still exits with status 2 and prints the
+  lines the page shows.
+- The configuration reference (docs/reference/configuration.md) is what `python -m
+  trainer.reference` generates, and lists every key of the schema with the default that
+  `python -m trainer --cfg job` composes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+# Pages whose shell commands are run, and the heading of the section to read (None: the page).
+COMMAND_SOURCES = [("docs/quickstart.md", None), ("README.md", "Everyday commands")]
+SHELL_FENCES = ("bash", "sh", "shell")
+
+# Appended to every command that trains, so that each takes seconds instead of minutes (the
+# default run is 200 steps, about 100 s): 2 steps of short sequences, the step-2 checkpoint only,
+# no MLflow (tracked runs have their own tests in test_tracking.py and test_train.py). Hydra
+# takes the last value given for a key, so these win over the command's own.
+FAST = ["trainer.max_steps=2", "optim.warmup_steps=1", "data.seq_len=32",
+        "data.micro_batch_size=2", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=0",
+        "tracking=none"]
+# Flags with which `python -m trainer` only prints and trains nothing.
+PRINT_ONLY = ("--help", "-h", "--cfg", "-c", "--info", "--hydra-help", "--resolve")
+# Inputs that commands on the pages name as placeholders for the reader's own files.
+INPUTS = {
+    "my_texts/notes.md": "# Notes\n\nA few words of the reader's own text.\n" * 20,
+    "my_texts/story.txt": "Once upon a time there was a token shard.\n" * 50,
+}
+# Commands that are not run, and why. Nothing that runs on a CPU belongs here.
+SKIP = {
+    "source .venv/bin/activate": "every command here already runs with the test's own virtual "
+                                 "environment first on PATH",
+    "mlflow ui --backend-store-uri sqlite:///mlflow.db": "a server that runs until stopped; "
+        "test_tracking.py starts `mlflow server` and opens the UI in Chromium",
+}
+
+
+def section(text: str, heading: str | None) -> str:
+    """The markdown under `heading` up to the next heading of the same or a higher level."""
+    if heading is None:
+        return text
+    match = re.search(rf"^(#+) {re.escape(heading)}\s*$", text, re.MULTILINE)
+    assert match, f"no heading {heading!r}"
+    level = len(match.group(1))
+    end = re.search(rf"^#{{1,{level}}} ", text[match.end():], re.MULTILINE)
+    return text[match.end(): match.end() + end.start() if end else len(text)]
+
+
+def fenced(text: str, languages: tuple[str, ...]) -> list[str]:
+    """The bodies of the fenced code blocks tagged with one of `languages`."""
+    pattern = r"^```(\w*)[^\n]*\n(.*?)^```"
+    return [body for lang, body in re.findall(pattern, text, re.MULTILINE | re.DOTALL)
+            if lang in languages]
+
+
+def shell_commands(block: str) -> list[list[str]]:
+    """Each command of a shell block as argv: continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", block)
+    return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    found: dict[tuple[str, ...], str] = {}
+    for page, heading in COMMAND_SOURCES:
+        text = section((ROOT / page).read_text(), heading)
+        for block in fenced(text, SHELL_FENCES):
+            for argv in shell_commands(block):
+                found.setdefault(tuple(argv), page)
+    return [(page, list(argv)) for argv, page in found.items()]
+
+
+def env() -> dict[str, str]:
+    """This interpreter's environment first on PATH (so `python`, `mlflow` are the venv's), and
+    this checkout first on the import path."""
+    venv_bin = str(Path(sys.executable).parent)
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def trains(argv: list[str]) -> bool:
+    return argv[:3] == ["python", "-m", "trainer"] and not set(argv) & set(PRINT_ONLY)
+
+
+def runnable(argv: list[str], workdir: Path) -> list[str]:
+    """The command as the test runs it, with FAST appended where it trains. `make train` runs the
+    repository's Makefile from the test's directory against this interpreter's environment;
+    `-o` holds back its install step, which would otherwise pip-install into the environment
+    running this test. Any other command (a new module's, e.g. `python -m launch ...`) runs as
+    written; one that needs a shortcut of its own gets it here, with the reason."""
+    if argv[:2] == ["make", "train"]:
+        venv = Path(sys.prefix)
+        extra = " ".join(a for a in argv[2:] if a.startswith("ARGS="))
+        return ["make", "-f", str(ROOT / "Makefile"), "train", f"VENV={venv}",
+                "-o", str(venv / ".installed"), f"ARGS={extra[5:]} {' '.join(FAST)}".strip(),
+                *(a for a in argv[2:] if not a.startswith("ARGS="))]
+    return [*argv, *FAST] if trains(argv) else argv
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_pages_have_commands_to_run():
+    pages = {page for page, _ in COMMANDS}
+    assert pages == {page for page, _ in COMMAND_SOURCES}, pages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("page", "argv"), COMMANDS, ids=[shlex.join(a) for _, a in COMMANDS])
+def test_documented_command_runs(page: str, argv: list[str], tmp_path: Path):
+    command = shlex.join(argv)
+    if command in SKIP:
+        pytest.skip(SKIP[command])
+    for name, text in INPUTS.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    proc = subprocess.run(runnable(argv, tmp_path), cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{page}: `{command}` exited {proc.returncode}:\n{output[-4000:]}"
+    assert "Traceback" not in output, f"{page}: `{command}`:\n{output[-4000:]}"
+    if trains(argv) or argv[:2] == ["make", "train"]:
+        # It trained its 2 steps and committed the final checkpoint (a sweep: one per job).
+        assert list(tmp_path.glob("*/**/step-00000002.ckpt")), output[-4000:]
+
+
+@pytest.mark.slow
+def test_the_api_pages_example_trains(tmp_path: Path):
+    """The Python example at the top of docs/api.md, run as the script a reader would paste."""
+    blocks = fenced((ROOT / "docs" / "api.md").read_text(), ("python",))
+    assert blocks
+    script = tmp_path / "example.py"
+    script.write_text(blocks[0])
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    loss, checkpoint = proc.stdout.splitlines()[-1].split()
+    assert 0 < float(loss) < 6  # byte-level text starts near ln 256 = 5.5 nats
+    assert Path(checkpoint).exists() and Path(checkpoint).is_relative_to(tmp_path)
+
+
+# ---- Troubleshooting: each `$ command` prints the lines shown under it -----------------------
+
+def troubleshooting_examples() -> list[tuple[str, list[str]]]:
+    """(command, expected lines) for each `$ ` line in the page's text blocks."""
+    examples = []
+    text = (ROOT / "docs" / "troubleshooting.md").read_text()
+    for block in fenced(text, ("text",)):
+        for chunk in re.split(r"^\$ ", block, flags=re.MULTILINE)[1:]:
+            command, *shown = chunk.rstrip("\n").split("\n")
+            examples.append((command, [line for line in shown if line.strip() != "..."]))
+    return examples
+
+
+EXAMPLES = troubleshooting_examples()
+
+
+def test_the_troubleshooting_page_has_examples():
+    assert len(EXAMPLES) >= 5, EXAMPLES
+
+
+@pytest.mark.parametrize(("command", "shown"), EXAMPLES, ids=[c for c, _ in EXAMPLES])
+def test_troubleshooting_example_prints_what_the_page_shows(command: str, shown: list[str],
+                                                           tmp_path: Path):
+    proc = subprocess.run(shlex.split(command), cwd=tmp_path, env=env(), capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    printed = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    for line in shown:
+        assert line in printed, f"`{command}` no longer prints:\n{line}\nit printed:\n" + \
+            "\n".join(printed[-20:])
+    # Stopped before anything started: no output directory, no MLflow store.
+    assert not list(tmp_path.iterdir())
+
+
+# ---- The configuration reference -------------------------------------------------------------
+
+REFERENCE = ROOT / "docs" / "reference" / "configuration.md"
+
+
+def reference_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer.reference", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_committed_reference_is_what_the_generator_writes():
+    proc = reference_command("--check")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_stale_reference_fails_the_check(tmp_path: Path):
+    stale = tmp_path / "configuration.md"
+    stale.write_text(REFERENCE.read_text().replace("| `seed` |", "| `seeds` |"))
+    proc = reference_command("--check", "--output", str(stale))
+    assert proc.returncode == 1
+    assert "make reference" in proc.stderr and "seeds" in proc.stderr
+
+
+def _rows() -> dict[str, list[str]]:
+    """The reference's key tables: key -> [type, default, allowed, meaning, set by]."""
+    rows = {}
+    for line in REFERENCE.read_text().splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 6 and re.fullmatch(r"`[\w.]+`", cells[0]):
+            rows[cells[0].strip("`")] = cells[1:]
+    return rows
+
+
+def _leaves(node: dict, rows: dict, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value; a mapping is one key where the reference lists it as one (a `map`
+    key such as `hardware.launch_env`), else a group of keys."""
+    found = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and f"{prefix}{key}" not in rows:
+            found.update(_leaves(value, rows, f"{prefix}{key}."))
+        else:
+            found[f"{prefix}{key}"] = value
+    return found
+
+
+def test_the_reference_lists_every_key_with_the_default_the_trainer_composes(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--cfg", "job"], cwd=tmp_path,
+                          env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = _rows()
+    composed = _leaves(OmegaConf.to_container(OmegaConf.create(proc.stdout)), rows)  # type: ignore[arg-type]
+    assert set(composed) == set(rows), set(composed) ^ set(rows)
+    for key, value in composed.items():
+        if isinstance(value, dict) and value:
+            continue  # a non-empty map is shown as YAML on one line
+        shown = rows[key][1].split("`")[1]
+        assert shown == _yaml_scalar(value), (key, shown, value)
+
+
+def _yaml_scalar(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "{}" if value == {} else str(value)
+
+
+def test_every_key_in_the_reference_says_what_it_means():
+    unexplained = [key for key, cells in _rows().items() if not cells[3]]
+    assert not unexplained, ("keys without a comment in trainer/config.py (add one beside the "
+                             f"field, then `make reference`): {unexplained}")
