@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,46 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+@dataclass
+class S3Server:
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    process: subprocess.Popen
+
+    # moto accepts any credentials; these keep boto from looking for real ones
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """`moto_server`: a real HTTP S3 endpoint on loopback, with one empty bucket."""
+    exe = (shutil.which("moto_server", path=str(Path(sys.executable).parent))
+           or shutil.which("moto_server"))
+    if exe is None:
+        require("the moto_server command", "pip install 'moto[server]'")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{endpoint}/moto-api/"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"moto_server did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.2)
+        bucket = "ultramesh"
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"),
+                               timeout=10).close()
+        os.environ.update(S3Server.env)  # for the tests' own reads of the bucket
+        yield S3Server(endpoint, bucket, server)
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,8 @@ def test_every_shipped_option_composes_and_validates(group: str, option: str):
     overrides = [f"{group}={option}"]
     if group == "data" and option == "shards":
         overrides.append("data.path=/tmp/tokens")
+    if group == "checkpoint" and option == "s3":
+        overrides.append("checkpoint.dir=s3://bucket/run")
     if group == "model" and option.startswith("llama3"):
         # The big presets exist for planning and GPU runs; validating needs no weights.
         overrides.append("data.seq_len=2048")

@@ -171,10 +171,14 @@ class CheckpointConfig:
     # fsspec URL or path; a relative path is under the run's output directory
     dir: str = "checkpoints"
     every_n_steps: int = 100  # save every N optimizer steps and at the last; 0: the last only
-    keep_last: int = 2  # committed checkpoints kept under `dir`; older ones are deleted
-    # null: start fresh; "last": newest committed checkpoint under `dir`; or a checkpoint's URL
+    keep_last: int = 2  # the newest N committed checkpoints stay
+    keep_every: int = 0  # and so does every checkpoint whose step is a multiple of this (0: none)
+    # stage to host memory and write from a thread while training goes on (one save in flight)
+    async_save: bool = True
+    io_threads: int = 4  # parallel writers per rank
+    # null: start fresh; "last": the newest sound committed checkpoint under `dir`; or a URL
     resume: Optional[str] = None
-    # fsspec options for `dir`, e.g. endpoint_url for an S3-compatible store
+    # fsspec options of `dir`: endpoint_url, key, secret, client_kwargs... (set without a `+`)
     storage_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -325,8 +329,15 @@ def _keys(schema: type, prefix: str = "") -> Key:
 KEY = _keys(RunConfig)
 
 
+# Free-form option dicts: `group.storage_options.endpoint_url=...` adds a key without a `+`.
+OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options")
+
+
 def register_schema() -> None:
-    ConfigStore.instance().store(name="train_schema", node=RunConfig)
+    schema = OmegaConf.structured(RunConfig)
+    for key in OPEN_DICTS:
+        OmegaConf.set_struct(OmegaConf.select(schema, key), False)
+    ConfigStore.instance().store(name="train_schema", node=schema)
 
 
 register_schema()
@@ -544,6 +555,12 @@ def _check_checkpoint(run: RunConfig) -> None:
     if c.every_n_steps < 0:
         raise ConfigError("checkpoint.every_n_steps", c.every_n_steps, "must be 0 (off) or more")
     _positive("checkpoint.keep_last", c.keep_last)
+    if c.keep_every < 0:
+        raise ConfigError("checkpoint.keep_every", c.keep_every, "must be 0 (off) or more")
+    _positive("checkpoint.io_threads", c.io_threads)
+    if c.name == "s3" and not c.dir.startswith("s3://"):
+        raise ConfigError("checkpoint.dir", c.dir, "checkpoint=s3 needs an S3 URL: "
+                          "checkpoint.dir=s3://bucket/prefix")
 
 
 def _check_tracking(run: RunConfig) -> None:

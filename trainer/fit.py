@@ -55,6 +55,10 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
     # fails its checksum) stop the run here with one line, before any process group exists.
     data.setup()
+    # A destination that cannot be written, or a resume URL that is not a committed checkpoint,
+    # stops the run here, before any step or MLflow run exists.
+    checkpoint.check_destination(run.checkpoint, run_dir)
+    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
 
     if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
         sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
@@ -64,10 +68,17 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
                            launch_artifact=_launch_artifact(run))
     monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
+    checkpoints = checkpoint.CheckpointIO(
+        run.checkpoint.storage_options, io_threads=run.checkpoint.io_threads,
+        mesh=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
+        config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run))
+    checkpoints.fallback = run.checkpoint.resume == "last"
     saver = checkpoint.PeriodicCheckpoint(
-        checkpoint.checkpoint_dir(run.checkpoint, run_dir), run.checkpoint.every_n_steps,
-        run.checkpoint.keep_last, run.checkpoint.storage_options,
-        on_saved=track.log_checkpoint if track else None)
+        checkpoints, checkpoint.checkpoint_dir(run.checkpoint, run_dir),
+        every_n_steps=run.checkpoint.every_n_steps, keep_last=run.checkpoint.keep_last,
+        keep_every=run.checkpoint.keep_every, async_save=run.checkpoint.async_save,
+        on_saved=track.log_checkpoint if track else None,
+        on_failed=track.log_checkpoint_failure if track else None)
     preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
     every: list[pl.Callback] = [monitor, saver, preemption]
     if run.trainer.progress_bar:
@@ -81,7 +92,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
-        strategy=build_strategy(run, mesh_plan),
+        strategy=checkpoint.attach(build_strategy(run, mesh_plan), checkpoints),
         plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
         accumulate_grad_batches=mesh_plan.accumulation,
@@ -91,14 +102,13 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by
         # global rank, wrong under tensor parallel) and its position is part of the checkpoint.
         use_distributed_sampler=False,
-        enable_checkpointing=False,  # PeriodicCheckpoint commits and prunes; see checkpoint.py
+        enable_checkpointing=False,  # PeriodicCheckpoint commits and prunes; see trainer/checkpoint
         enable_progress_bar=False,  # ProgressDisplay counts optimizer steps, not epoch batches
         enable_model_summary=False,
         log_every_n_steps=run.trainer.log_every_n_steps,
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
     if ckpt_path and trainer.is_global_zero:
         log.info("resuming from %s", ckpt_path)
     ended: BaseException | None = None
@@ -132,11 +142,9 @@ def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
     hardware = run.hardware
     if mesh_plan.world_size == 1:
-        return "auto"
+        return checkpoint.single_process(hardware.device_type)
     if mesh_plan.replicas_only:
-        from pytorch_lightning.strategies import DDPStrategy
-
-        return DDPStrategy(process_group_backend=hardware.backend)
+        return checkpoint.data_parallel(hardware.backend)
     from trainer.mesh import MeshStrategy
 
     return MeshStrategy(mesh_plan, HardwareSpec(hardware),

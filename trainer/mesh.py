@@ -19,10 +19,8 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-import fsspec
 import torch
 from lightning_fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning_fabric.utilities.load import _METADATA_FILENAME as METADATA_FILE
 from pytorch_lightning.accelerators import Accelerator
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -42,10 +40,9 @@ NEURON_INSTALL_HINT = (
 class MeshStrategy(ModelParallelStrategy):
     """Lightning's model-parallel strategy over the N-D mesh of a `MeshPlan`.
 
-    Checkpoints are torch.distributed.checkpoint directories, one shard per rank (Lightning's
-    `save_distributed_checkpoint=True`), loadable into another mesh. Lightning's strategy writes
-    local paths only; a URL (s3://, file://, any fsspec protocol) goes through DCP's fsspec
-    storage here, with `storage_options` (endpoint, credentials) handed to the filesystem.
+    Checkpoints are torch.distributed.checkpoint directories, one shard per rank, loadable into
+    another mesh, written and read by `trainer.checkpoint.CheckpointIO` (fsspec URLs, with
+    `storage_options` for the endpoint and credentials), as for every other strategy.
     """
 
     def __init__(self, plan: MeshPlan, hardware: HardwareSpec,
@@ -79,52 +76,18 @@ class MeshStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
                         storage_options: Any | None = None) -> None:
-        if "://" not in str(filepath):
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-            return
-        url = str(self.broadcast(str(filepath)))  # every rank writes under rank 0's name
-        from torch.distributed.checkpoint import save
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        """Every rank writes its shards through the one DCP-over-fsspec path (trainer.checkpoint)
+        that every strategy uses, for local paths and URLs alike."""
+        from trainer.checkpoint import checkpoint_io_of
 
-        options = {**self.storage_options, **(storage_options or {})}
-        shards = {"state_dict": checkpoint.pop("state_dict")}
-        for index, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
-            shards[f"optimizer_{index}"] = optimizer_state
-        # fsync only means something on a local disk; object stores commit on close
-        save(shards, storage_writer=FsspecWriter(url, sync_files=url.startswith("file://"),
-                                                 **options))
-        if self.global_rank == 0:  # the rest (loops, callbacks, data position) as Lightning does
-            with fsspec.open(f"{url}/{METADATA_FILE}", "wb", **options) as f:
-                torch.save(checkpoint, f)
+        checkpoint_io_of(self, self.storage_options).save_checkpoint(checkpoint, filepath)
 
     def load_checkpoint(self, checkpoint_path: Any,
                         weights_only: bool | None = None) -> dict[str, Any]:
-        if "://" not in str(checkpoint_path):
-            return super().load_checkpoint(checkpoint_path, weights_only)
-        url = str(self.broadcast(str(checkpoint_path)))
-        from torch.distributed.checkpoint import load
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-            set_optimizer_state_dict,
-        )
+        """Each rank reads the pieces its own shards need, whatever mesh wrote them."""
+        from trainer.checkpoint import checkpoint_io_of
 
-        assert self.model is not None and self.lightning_module is not None
-        # Each rank reads the pieces its own shards need, whatever mesh wrote them.
-        model_state = {"state_dict": get_model_state_dict(self.model)}
-        load(model_state, storage_reader=FsspecReader(url, **self.storage_options))
-        self.model.load_state_dict(model_state["state_dict"],
-                                   strict=self.lightning_module.strict_loading)
-        for index, optimizer in enumerate(self.optimizers):
-            key = f"optimizer_{index}"
-            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
-            load(optimizer_state, storage_reader=FsspecReader(url, **self.storage_options))
-            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
-                                     options=StateDictOptions(cpu_offload=True))
-        with fsspec.open(f"{url}/{METADATA_FILE}", "rb", **self.storage_options) as f:
-            return torch.load(f, weights_only=weights_only)
+        return checkpoint_io_of(self, self.storage_options).load_checkpoint(checkpoint_path)
 
 
 def process_group_backend(hardware: HardwareSpec) -> str:

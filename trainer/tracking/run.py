@@ -120,6 +120,15 @@ class Tracking:
             log.warning("MLflow has not taken the metrics before checkpoint step %d yet; "
                         "they stay buffered", step)
 
+    def log_checkpoint_failure(self, step: int, url: str, reason: str) -> None:
+        """A save that did not commit: a metric at its step and the reason as a tag."""
+        if not self.sends:
+            return
+        now = int(time.time() * 1000)
+        self._sender.add_metrics([("checkpoint/failed", 1.0, now, step)])  # type: ignore
+        tags = {"checkpoint.last_failure": f"step {step} at {url}: {reason}"[:4000]}
+        self._sender.add_job("checkpoint tags", lambda: self._set_tags(tags))  # type: ignore
+
     def _key(self, key: str) -> str:
         """MLflow's metric name rules, checked once per name."""
         known = self._keys.get(key)

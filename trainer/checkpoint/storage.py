@@ -1,0 +1,168 @@
+"""Where checkpoints live: fsspec URLs (local paths, file://, s3://) opened with the configured
+`storage_options`, a probe that proves a destination writable, and a DCP writer that records the
+size and SHA-256 of every byte it writes (the manifest's checksums cost no second read)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import posixpath
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import fsspec
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+
+PROBE_NAME = ".ultramesh-probe"
+
+# boto reports at INFO which credential and endpoint source it used, per client and rank: noise in
+# a run's log (and a preflight error must stay one line).
+for _name in ("botocore.credentials", "aiobotocore.credentials", "botocore.configprovider"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None
+               ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem behind `url` and the path inside it (protocol stripped)."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join(url: str, *names: str) -> str:
+    """`url` with `names` appended; local paths stay paths, URLs keep their protocol."""
+    return posixpath.join(url.rstrip("/"), *names)
+
+
+def with_protocol(template: str, path: str) -> str:
+    """`path` (as fsspec lists it, protocol stripped) with the protocol of `template` put back."""
+    protocol, sep, _ = template.partition("://")
+    return f"{protocol}://{path}" if sep else path
+
+
+def probe(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write and delete a small object under `url`; raises whatever the store answered."""
+    fs, root = filesystem(url, storage_options)
+    if is_local(url):
+        fs.makedirs(root, exist_ok=True)
+    path = posixpath.join(root, f"{PROBE_NAME}-{uuid.uuid4().hex}")
+    fs.pipe_file(path, b"ultramesh checkpoint probe\n")
+    fs.rm(path)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line (botocore's messages run over several); for DCP's
+    CheckpointException, the first failure of each rank rather than its traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return "; ".join(dict.fromkeys(one_line(f[0] if isinstance(f, tuple) else f)
+                                       for _, f in sorted(failures.items())))
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class _HashingStream:
+    """A write stream that hashes what passes through it."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.sha256.update(view)
+        self.nbytes += view.nbytes
+        return self._stream.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+class _Buffer(io.RawIOBase):
+    """An object's bytes in memory, handed to the store without another copy. DCP's stream
+    wrappers close it before the upload; it keeps its bytes until `release()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.data += data
+        return len(memoryview(data).cast("B"))
+
+    def tell(self) -> int:
+        return len(self.data)
+
+    def close(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.data = bytearray()
+
+
+class HashingFileSystem(FileSystem):
+    """DCP's fsspec filesystem, recording {path: (bytes, sha256)} of each file it writes."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem):
+        super().__init__()
+        self.fs = fs
+        self.written: dict[str, tuple[int, str]] = {}
+        self._lock = threading.Lock()  # DCP writes with several threads
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        path = os.fspath(path)
+        if is_local(path):
+            with super().create_stream(path, mode) as stream:
+                hashing = _HashingStream(stream)
+                yield hashing
+        else:
+            # An object store takes a whole object in one request (s3fs splits a large one into
+            # parts uploaded in parallel); a stream would upload serial parts as its buffer fills.
+            buffer = _Buffer()
+            hashing = _HashingStream(buffer)
+            yield hashing
+            self.fs.pipe_file(path, buffer.data)
+            buffer.release()
+        with self._lock:
+            self.written[path] = (hashing.nbytes, hashing.sha256.hexdigest())
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)
+        with self._lock:
+            self.written[os.fspath(new_path)] = self.written.pop(os.fspath(path))
+
+
+class HashingWriter(FsspecWriter):
+    """DCP's fsspec writer whose files are hashed as they are written."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any], thread_count: int):
+        # fsync means something on a local disk only; an object store commits on close
+        super().__init__(url, sync_files=is_local(url), thread_count=thread_count,
+                         **storage_options)
+        self.fs = HashingFileSystem(self.fs.fs)
+
+    def files(self) -> dict[str, tuple[int, str]]:
+        """{name relative to the checkpoint: (bytes, sha256)} of what this rank wrote."""
+        root = os.fspath(self.path).rstrip("/")
+        return {posixpath.relpath(path, root): value for path, value in self.fs.written.items()}
+
+    def write_file(self, name: str, data: bytes) -> None:
+        with self.fs.create_stream(self.fs.concat_path(self.path, name), "wb") as stream:
+            stream.write(data)
