@@ -29,11 +29,13 @@ def run_id(run_dir: Path) -> str:
 
 
 def committed_step(run_dir: Path) -> int | None:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.exists():
-        return None
-    name = latest.read_text().strip()
-    return int(name.removeprefix("step-").removesuffix(".ckpt"))
+    """The step of the newest committed checkpoint (one whose manifest exists), or None."""
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint.manifest import step_of
+
+    directory = run_dir / "checkpoints"
+    url = latest_checkpoint(str(directory)) if directory.exists() else None
+    return step_of(url) if url else None
 
 
 def losses(client, run: str) -> dict[int, float]:
