@@ -250,7 +250,7 @@ def test_memory_of_tensor_parallel_under_bf16_autocast_by_hand():
         "fsdp_buffers": 0,
         "ddp_buckets": 0,
         "activations": TOKENS * (4 * block + final_norm),
-        "logits": TOKENS * 256 * (2 + 4 + 4),
+        "logits": TOKENS * 256 * (2 + 4 + 4 + 2),  # + the bf16 logits' own gradient
     })
 
 
