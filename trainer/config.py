@@ -207,16 +207,16 @@ class ClusterConfig:
     image: Optional[str] = None
     # SLURM
     partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    account: Optional[str] = None  # sbatch --account to charge
+    qos: Optional[str] = None  # sbatch --qos
     time_limit: str = "01:00:00"  # sbatch --time: minutes, [D-]HH:MM:SS, MM:SS
     preempt_warning_s: int = 120  # USR1 this long before the time limit (--signal=B:USR1@N)
     max_requeues: int = 3  # a job that keeps being preempted stops requeueing after this many
     chain: int = 1  # jobs chained with --dependency=afterany, for runs past the partition limit
-    rdzv_port: int = 29500
+    rdzv_port: int = 29500  # torchrun's c10d rendezvous port on the first node (+ job id % 1000)
     # EKS
     job_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob | job (Indexed Job)
-    namespace: Optional[str] = None
+    namespace: Optional[str] = None  # the Kubernetes namespace the job runs in (EKS)
     runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
     service_account: Optional[str] = None  # S3 and MLflow credentials via IRSA / Pod Identity
     queue: Optional[str] = None  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)
@@ -236,7 +236,7 @@ class LaunchConfig:
     rendered: Optional[str] = None
     # set by the sweep launcher (hydra/launcher=slurm|eks): one MLflow parent run per sweep dir
     sweep_dir: Optional[str] = None
-    job_num: int = 0
+    job_num: int = 0  # set by the sweep launcher: this job's number in the sweep
 
 
 @dataclass
