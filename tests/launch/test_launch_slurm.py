@@ -101,7 +101,11 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_as_the_same_run(
     slurm.run("scancel", "--batch", "--signal=USR1", job)
     _wait("the requeue", lambda: slurm.state(job) == "PENDING", slurm)
     stopped_at = committed_step(run_dir)
-    assert stopped_at is not None and 5 <= stopped_at < 8, stopped_at  # not a periodic one
+    # the preemption's own checkpoint, taken at the step boundary after the signal (which may
+    # coincide with a periodic one), and before the end of the run
+    said = re.search(r"preemption signal: checkpoint step (\d+) committed", log.read_text())
+    assert said is not None and int(said[1]) == stopped_at, log.read_text()[-3000:]
+    assert stopped_at is not None and 5 <= stopped_at < 12, stopped_at
     first_run = run_id(run_dir)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold
     _wait("the end", lambda: slurm.state(job) in ("COMPLETED", "FAILED", "GONE"), slurm)
