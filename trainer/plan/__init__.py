@@ -4,9 +4,8 @@ Pure arithmetic on the config (no torch.distributed); the command line is `pytho
 (`trainer/plan/__main__.py`).
 """
 
+from trainer.plan.mesh_plan import MESH_DIMS, MeshPlan, Rejection
 from trainer.plan.planner import (
-    MeshPlan,
-    Rejection,
     RunFacts,
     candidates,
     evaluate,
@@ -15,5 +14,5 @@ from trainer.plan.planner import (
     preference,
 )
 
-__all__ = ["MeshPlan", "Rejection", "RunFacts", "candidates", "evaluate", "explicit_dims", "plan",
-           "preference"]
+__all__ = ["MESH_DIMS", "MeshPlan", "Rejection", "RunFacts", "candidates", "evaluate",
+           "explicit_dims", "plan", "preference"]
