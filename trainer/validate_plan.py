@@ -16,7 +16,8 @@ shards allocated under `FakeTensorMode`, which holds shapes and no data). Two ch
    exactly; each rank's allocated bytes must be within 5% of the planner's `params` figure.
 2. One training step at rank 0 (the largest shards): forward, loss, backward, the module's
    gradient clipping and the optimizer step, under the precision plugin's contexts, all under
-   `FakeTensorMode`, forward and backward with torch's memory tracker (`FSDPMemTracker` when FSDP2 wraps the model,
+   `FakeTensorMode`; forward and backward under torch's memory tracker (`FSDPMemTracker` when
+   FSDP2 wraps the model,
    `MemTracker` otherwise). The tracked bytes at the step's peak, by component (parameters,
    gradients, optimizer states, activations, communication buffers), stand beside the planner's
    estimate of each; the peak total must be within 15% of the planner's total.
