@@ -17,10 +17,10 @@ shards allocated under `FakeTensorMode`, which holds shapes and no data). Two ch
 2. One training step at rank 0 (the largest shards): forward, loss, backward, the module's
    gradient clipping and the optimizer step, under the precision plugin's contexts, all under
    `FakeTensorMode`; forward and backward under torch's memory tracker (`FSDPMemTracker` when
-   FSDP2 wraps the model,
-   `MemTracker` otherwise). The tracked bytes at the step's peak, by component (parameters,
-   gradients, optimizer states, activations, communication buffers), stand beside the planner's
-   estimate of each; the peak total must be within 15% of the planner's total.
+   FSDP2 wraps the model, `MemTracker` otherwise). The tracked bytes at the step's peak, by
+   component (parameters, gradients, optimizer states, activations, communication buffers),
+   stand beside the planner's estimate of each; the peak total must be within 15% of the
+   planner's total.
 
 Why 15%: the planner's figure is what decides whether a plan fits in `memory_headroom` (90%) of a
 rank's memory, so an estimate 15% low still leaves a plan that fits on paper short by at most a
