@@ -74,14 +74,19 @@ def shell_commands(block: str) -> list[list[str]]:
     return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
 
 
-def documented_commands() -> list[tuple[str, list[str]]]:
-    found: dict[tuple[str, ...], str] = {}
+def documented_commands() -> list[tuple[str, int, list[str]]]:
+    """(page, position on the page, argv) of each command, in page order; a command shown on two
+    pages runs on the first only."""
+    found: dict[tuple[str, ...], tuple[str, int]] = {}
     for page, heading in COMMAND_SOURCES:
         text = section((ROOT / page).read_text(), heading)
+        position = 0
         for block in fenced(text, SHELL_FENCES):
             for argv in shell_commands(block):
-                found.setdefault(tuple(argv), page)
-    return [(page, list(argv)) for argv, page in found.items()]
+                if tuple(argv) not in found:
+                    found[tuple(argv)] = (page, position)
+                    position += 1
+    return [(page, position, list(argv)) for argv, (page, position) in found.items()]
 
 
 def env() -> dict[str, str]:
@@ -115,28 +120,61 @@ def runnable(argv: list[str], workdir: Path) -> list[str]:
 COMMANDS = documented_commands()
 
 
+class Reader:
+    """Someone working down one page: every command runs in the page's one directory, in the
+    page's order, so a later command finds what an earlier one made (the Quickstart exports the
+    checkpoint its own training command wrote). Asking for a command runs the ones above it
+    first, once, so any single test can run alone."""
+
+    def __init__(self, page: str, workdir: Path):
+        self.commands = [argv for p, _, argv in COMMANDS if p == page]
+        self.workdir = workdir
+        self.done: list[subprocess.CompletedProcess | None] = []
+        for name, text in INPUTS.items():
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            (workdir / name).write_text(text)
+
+    def run_through(self, position: int) -> subprocess.CompletedProcess | None:
+        """The command at `position`, run (None: skipped, SKIP says why) after those above it;
+        an earlier one that failed fails this one too, naming it."""
+        while len(self.done) <= position:
+            argv = self.commands[len(self.done)]
+            if self.done and (before := self.done[-1]) is not None and before.returncode != 0:
+                pytest.fail(f"`{shlex.join(before.args)}` above it on the page failed")
+            self.done.append(None if shlex.join(argv) in SKIP else subprocess.run(
+                runnable(argv, self.workdir), cwd=self.workdir, env=env(), capture_output=True,
+                text=True, timeout=600, stdin=subprocess.DEVNULL))
+        return self.done[position]
+
+
+@pytest.fixture(scope="module")
+def readers(tmp_path_factory) -> dict[str, Reader]:
+    return {page: Reader(page, tmp_path_factory.mktemp(Path(page).stem))
+            for page, _ in COMMAND_SOURCES}
+
+
 def test_the_pages_have_commands_to_run():
-    pages = {page for page, _ in COMMANDS}
+    pages = {page for page, _, _ in COMMANDS}
     assert pages == {page for page, _ in COMMAND_SOURCES}, pages
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("page", "argv"), COMMANDS, ids=[shlex.join(a) for _, a in COMMANDS])
-def test_documented_command_runs(page: str, argv: list[str], tmp_path: Path):
+@pytest.mark.parametrize(("page", "position", "argv"), COMMANDS,
+                         ids=[shlex.join(a) for _, _, a in COMMANDS])
+def test_documented_command_runs(page: str, position: int, argv: list[str],
+                                 readers: dict[str, Reader]):
     command = shlex.join(argv)
     if command in SKIP:
         pytest.skip(SKIP[command])
-    for name, text in INPUTS.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    proc = subprocess.run(runnable(argv, tmp_path), cwd=tmp_path, env=env(), capture_output=True,
-                          text=True, timeout=600, stdin=subprocess.DEVNULL)
+    proc = readers[page].run_through(position)
+    assert proc is not None
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{page}: `{command}` exited {proc.returncode}:\n{output[-4000:]}"
     assert "Traceback" not in output, f"{page}: `{command}`:\n{output[-4000:]}"
     if trains(argv) or argv[:2] == ["make", "train"]:
         # It trained its 2 steps and committed the final checkpoint (a sweep: one per job).
-        assert list(tmp_path.glob("*/**/step-00000002.ckpt")), output[-4000:]
+        saved = re.findall(r"checkpoint: (\S+step-00000002\.ckpt)", output)
+        assert saved and all(Path(path).is_dir() for path in saved), output[-4000:]
 
 
 @pytest.mark.slow
@@ -259,3 +297,23 @@ def test_every_key_in_the_reference_says_what_it_means():
     unexplained = [key for key, cells in _rows().items() if not cells[3]]
     assert not unexplained, ("keys without a comment in trainer/config.py (add one beside the "
                              f"field, then `make reference`): {unexplained}")
+
+
+# ---- The site works offline ------------------------------------------------------------------
+
+def test_the_site_loads_nothing_from_another_host(tmp_path: Path):
+    """A reader behind a firewall, or with a file:// copy of site/, sees every page whole: no
+    script, stylesheet, font or image comes from a CDN (a diagram drawn by a CDN's script would
+    be blank), and the one diagram is a file of the site."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "mkdocs"), "build", "--strict",
+                           "--quiet", "-d", str(tmp_path / "site")], cwd=ROOT,
+                          env={**env(), "NO_MKDOCS_2_WARNING": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = re.compile(r'<(?:script|link|img)\b[^>]*\b(?:src|href)="((?:https?:)?//[^"]+)"')
+    pages = list((tmp_path / "site").rglob("*.html"))
+    assert len(pages) > 10
+    loaded = {url for page in pages for url in remote.findall(page.read_text())}
+    assert not loaded, sorted(loaded)
+    concepts = (tmp_path / "site" / "concepts.html").read_text()
+    assert 'src="img/concepts.svg"' in concepts and (tmp_path / "site/img/concepts.svg").exists()

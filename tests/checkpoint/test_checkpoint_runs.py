@@ -267,6 +267,20 @@ def test_export_loads_in_transformers_with_equal_logits(straight, moto_server, t
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def test_export_without_a_step_takes_the_newest_committed_one(straight, moto_server, tmp_path):
+    env, option = run_env(moto_server), f"endpoint_url={moto_server.endpoint}"
+    listed = cli("list", straight["url"], "-o", option, "--no-verify", env=env)
+    newest = max(int(line.split()[0]) for line in listed.stdout.splitlines()[1:]
+                 if line.split()[1] == "yes")
+    proc = cli("export", straight["url"], "--to", str(tmp_path / "hf"), "-o", option, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == (f"exported {straight['url']}/step-{newest:08d}.ckpt to "
+                                   f"{tmp_path / 'hf'}")
+    empty = cli("export", str(tmp_path / "nothing"), "--to", str(tmp_path / "x"), env=env)
+    assert empty.returncode == 2 and "holds no committed checkpoint" in empty.stderr
+    assert len(empty.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
 def test_four_ranks_to_two_to_one_resume_with_the_same_weights(workdir, moto_server):
     """FSDP over 4 ranks writes steps 1-4; tensor parallel over 2 ranks resumes its step 2 and
     trains steps 3-4; one rank resumes the 2-rank step 3 and trains step 4. Each matches the 4-rank

@@ -1,4 +1,4 @@
-"""`python -m trainer.checkpoint list URL` and `python -m trainer.checkpoint export URL --step N
+"""`python -m trainer.checkpoint list URL` and `python -m trainer.checkpoint export URL [--step N]
 --to DIR`. The endpoint and credentials come from the standard AWS sources or `-o key=value`
 (fsspec storage options, as `checkpoint.storage_options` takes them)."""
 
@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--no-verify", action="store_true", help="skip reading every file")
     export = sub.add_parser("export", parents=[common],
                             help="consolidated Hugging Face Llama safetensors + config.json")
-    export.add_argument("--step", type=int, required=True)
+    export.add_argument("--step", type=int, help="the step to export (default: the newest "
+                        "committed one)")
     export.add_argument("--to", type=Path, required=True, help="output directory")
     return parser
 
@@ -81,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.checkpoint.export import ExportError, export
 
         try:
-            out = export(args.url, args.step, args.to, options)
+            exported = export(args.url, args.step, args.to, options)
         except ExportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print(f"exported step {args.step} of {args.url} to {out}")
+        print(f"exported {exported} to {args.to}")
         return 0
     except (OSError, ValueError) as exc:
         print(f"error: {args.url}: {one_line(exc)}", file=sys.stderr)

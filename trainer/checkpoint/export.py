@@ -111,11 +111,17 @@ def hf_config(shape: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def export(directory: str, step: int, out_dir: Path,
-           storage_options: dict | None = None) -> Path:
-    """Write `model.safetensors` and `config.json` for checkpoint `step` under `directory`."""
+def export(directory: str, step: int | None, out_dir: Path,
+           storage_options: dict | None = None) -> str:
+    """Write `model.safetensors` and `config.json` for checkpoint `step` under `directory` (None:
+    the newest committed one) to `out_dir`; the URL of the checkpoint exported."""
     from safetensors.torch import save_file
 
+    if step is None:
+        newest = mf.newest_committed(directory, storage_options)
+        if newest is None:
+            raise ExportError(f"{directory} holds no committed checkpoint")
+        step = newest.step
     url = join(directory, mf.step_name(step))
     manifest = mf.read_manifest(url, storage_options)
     if manifest is None:
@@ -130,4 +136,4 @@ def export(directory: str, step: int, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_config(manifest.model, dtype), indent=2))
-    return out_dir
+    return url
