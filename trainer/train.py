@@ -138,6 +138,19 @@ def _remove_hydra_leftovers(run_dir: Path) -> None:
         directory = directory.parent
 
 
+@contextlib.contextmanager
+def _exit_on_lost_work() -> Iterator[None]:
+    """A run whose last checkpoint did not commit exits 1 with one line saying what was lost
+    (Hydra would print a traceback that says less)."""
+    from trainer.checkpoint import CheckpointFailed
+
+    try:
+        yield
+    except CheckpointFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float | None:
     from trainer.fit import fit
@@ -151,7 +164,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
                           job_num=hydra_cfg.job.num)
     # validate() and fit()'s own checks again: a config tree of the user's own, or a sweeper
     # plugin's search space, was not checked in preflight
-    with exit_on_config_error(DataError), _nothing_left_behind(run_dir):
+    with exit_on_config_error(DataError), _nothing_left_behind(run_dir), _exit_on_lost_work():
         result = fit(
             validate(cfg),
             run_dir=run_dir,

@@ -177,11 +177,15 @@ def test_s3_stopping_mid_save_is_reported_training_goes_on_and_resume_loads_the_
                      # retries five times
                      "checkpoint.storage_options.config_kwargs.retries.max_attempts=1"]
         env = run_env(moto_server)
-        log = train(workdir, "faulty", overrides, env)
+        # the last save (step 6) fails too: the run exits 1, saying what was lost
+        log = train(workdir, "faulty", overrides, env, expect_rc=1)
         assert faulty.dropped > 0
         assert sorted(losses(log)) == list(range(1, STEPS + 1))  # training went on
         failed = [line for line in log.splitlines() if "checkpoint step 4 FAILED" in line]
         assert failed and "step-00000002.ckpt" in failed[0]
+        last = log.strip().splitlines()[-1]
+        assert last.startswith("error: the run's last checkpoint (step 6, ") and \
+            "newest committed: " in last and last.count("step-00000002.ckpt") == 1, last
 
         from mlflow.tracking import MlflowClient
 
@@ -191,7 +195,9 @@ def test_s3_stopping_mid_save_is_reported_training_goes_on_and_resume_loads_the_
                                                           "checkpoint/failed")] == [4, 6]
         assert run.data.tags["checkpoint.last_failure"].startswith("step 6 at ")
         assert run.data.tags["checkpoint.latest_step"] == "2"
+        assert run.info.status == "FAILED"
 
+        faulty.trigger = "(never again)"  # the resumed run saves step 4 too
         faulty.up()
         assert committed_steps(url, env, "-o", f"endpoint_url={faulty.endpoint}") == {2: "ok"}
         resumed = train(workdir, "faulty-resumed", overrides, env)

@@ -70,7 +70,17 @@ class PeriodicCheckpoint(pl.Callback):
             self._start(trainer, blocking=not self.async_save)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._report(self.io.wait())  # the final save is waited for
+        result = self.io.wait()  # the final save is waited for
+        self._report(result)
+        if result is not None and not result.ok:
+            # Training went on past failed periodic saves, but a run whose last save failed has
+            # lost the steps since its newest commit: exiting 0 would tell a scheduler (or a
+            # sweep) that the work is safe. Every rank got the same outcome, so all raise here.
+            raise CheckpointFailed(
+                f"the run's last checkpoint (step {result.step}, {result.url}) was not "
+                f"committed: {result.error}; newest committed: "
+                f"{self.last_saved or self.io.resumed_from or 'none'} (checkpoint.resume=last "
+                f"redoes the steps after it)")
 
     # -------------------------------------------------------------------------------------------
 
