@@ -55,7 +55,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = root / "server.log"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # MLflow's job runner (huey consumer processes, for its GenAI jobs) is nothing the trainer
+    # uses, and its workers poll on the 2 cores the tests share.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
             [exe, "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
