@@ -61,6 +61,30 @@ def test_two_processes_train_and_the_loss_falls(tmp_path: Path):
     assert sum(history[-5:]) / 5 < 0.8 * sum(history[:5]) / 5
 
 
+GLOO_EXIT = """
+import atexit, sys, torch.distributed as dist
+from trainer.train import _exit_before_gloo_teardown
+if sys.argv[1] == "gloo":
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+    mesh_holds = dist.distributed_c10d._get_default_group()  # as a run's meshes hold theirs
+    dist.destroy_process_group()
+atexit.register(lambda: print("interpreter teardown ran"))
+_exit_before_gloo_teardown()
+print("returned")
+"""
+
+
+@pytest.mark.parametrize("backend", ["gloo", "none"])
+def test_a_finished_gloo_run_exits_0_before_the_interpreter_tears_down(backend: str):
+    # gloo's threads outlive destroy_process_group; if torch renames them, the check silently
+    # stops working: this fails instead.
+    proc = subprocess.run([sys.executable, "-c", GLOO_EXIT, backend], capture_output=True,
+                          text=True, timeout=120, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = [] if backend == "gloo" else ["returned", "interpreter teardown ran"]
+    assert proc.stdout.splitlines() == expected
+
+
 def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path):
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
         train(tmp_path, "trainer.max_steps=6", f"seed={seed}", f"tracking.run_name={name}")

@@ -127,9 +127,9 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
             stopped = trainer.interrupted or preemption.stopped
             track.close(tracking.status_for(ended, interrupted=stopped))
     # Only after a clean finish: a rank that raised may leave others inside a collective, where
-    # tearing the group down would hang them. Skipping it on success is worse: gloo's worker
-    # threads then meet interpreter finalization and the process can abort (SIGABRT, "terminate
-    # called without an active exception"; pytorch/pytorch#190489) after training succeeded.
+    # tearing the group down would hang them. torch asks every process to do this (NCCL's
+    # pending work is flushed here); gloo's threads outlive it while the meshes hold their
+    # backends, which `trainer.train` deals with at exit.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
