@@ -69,7 +69,7 @@ if sys.argv[1] == "gloo":
     mesh_holds = dist.distributed_c10d._get_default_group()  # as a run's meshes hold theirs
     dist.destroy_process_group()
 atexit.register(lambda: print("interpreter teardown ran"))
-_exit_before_gloo_teardown()
+_exit_before_gloo_teardown(0)
 print("returned")
 """
 

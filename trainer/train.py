@@ -37,34 +37,44 @@ MAX_CHECKED_JOBS = 64
 
 
 def main() -> None:
-    with exit_on_config_error(DataError):
-        preflight(sys.argv[1:])
-    _hydra_main()
-    _exit_before_gloo_teardown()
+    try:
+        with exit_on_config_error(DataError):
+            preflight(sys.argv[1:])
+        _hydra_main()
+    except SystemExit as exc:  # a preempted, refused or failed job: keep its exit code
+        _exit_before_gloo_teardown(exc.code)
+        raise
+    _exit_before_gloo_teardown(0)
 
 
 # Thread names of torch's gloo backend (ProcessGroupGloo's work loops, gloo's TCP event loop).
 _GLOO_THREADS = {"pt_gloo_runloop", "gloo_tcp_loop"}
 
 
-def _exit_before_gloo_teardown() -> None:
-    """End a finished run now if gloo's threads are still alive. `fit` destroys the process
-    groups, yet the meshes keep the gloo backends (and their threads) alive until the interpreter
-    tears down; a thread still joinable then aborts the process (SIGABRT, "terminate called
-    without an active exception"; pytorch/pytorch#190489, #179291) after the run succeeded,
-    and a scheduler counts it failed. Seen twice in CI, once in a few hundred runs. Every
-    result is written and the MLflow run closed by now, so the teardown is skipped: logs and
-    streams are flushed and the process exits 0. (Linux only: the threads are read from /proc.)"""
+def _exit_before_gloo_teardown(code: int | str | None) -> None:
+    """End the process now, as `sys.exit(code)` would, if gloo's threads are still alive.
+
+    `fit` destroys the process groups, yet the meshes keep the gloo backends (and their threads)
+    alive until the interpreter tears down; a thread still joinable then aborts the process
+    (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489, #179291)
+    after the run succeeded, and a scheduler counts it failed (or a preempted job's 143 becomes
+    134). Seen twice in CI, about once in a few hundred runs. Every result is written and the
+    MLflow run closed by now, so the teardown is skipped: logs and streams are flushed and the
+    process exits with `code`. (Linux only: the threads are read from /proc.)"""
     try:
         names = {(task / "comm").read_text().strip()
                  for task in Path("/proc/self/task").iterdir()}
     except OSError:
         return
-    if names & _GLOO_THREADS:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if not names & _GLOO_THREADS:
+        return
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def preflight(argv: list[str]) -> None:
