@@ -22,7 +22,6 @@ from trainer.config import KEY, ConfigError, RunConfig, compose, validate
 from trainer.plan import MeshPlan, plan
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-REPO_DIR = Path(__file__).resolve().parents[1]
 # launch.* keys steer the launcher; the trainer only needs the one the launcher sets itself.
 _LAUNCHER_ONLY = (KEY.launch.dry_run, KEY.launch.max_restarts, KEY.launch.run_dir,
                   KEY.launch.wait, KEY.launch.rendered, "hydra.")
@@ -35,6 +34,9 @@ class Job:
     overrides: list[str]  # as the user gave them
     run_dir: Path
     name: str  # scheduler-safe job name
+    # Where the user ran the launcher; every node starts the trainer there, so relative paths in
+    # the overrides (data.path=data/mine) mean what they meant to the user.
+    workdir: Path
 
     @property
     def nodes(self) -> int:
@@ -71,10 +73,11 @@ def prepare(overrides: list[str]) -> Job:
                           f"{run.cluster.nodes} node(s) x {run.ranks_per_node} rank(s) per node "
                           f"does not match the mesh's world size {mesh_plan.world_size}")
     now = datetime.datetime.now()
-    run_dir = Path(run.launch.run_dir or REPO_DIR / "outputs" / "launch"
+    workdir = Path.cwd()
+    run_dir = Path(run.launch.run_dir or workdir / "outputs" / "launch"
                    / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")).resolve()
     name = f"{run.model.name}-{run.hardware.name}-{now.strftime('%m%d-%H%M%S')}"
-    return Job(run, mesh_plan, list(overrides), run_dir, _dns_name(name))
+    return Job(run, mesh_plan, list(overrides), run_dir, _dns_name(name), workdir)
 
 
 def _dns_name(text: str) -> str:

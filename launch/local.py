@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from launch.job import REPO_DIR, Job, render, save
+from launch.job import Job, render, save
 from trainer.config import ConfigError
 
 FILE_NAME = "launch.sh"
@@ -20,7 +20,7 @@ def check(job: Job) -> None:
 
 def build(job: Job) -> tuple[str, str]:
     path = job.run_dir / FILE_NAME
-    text = render("local.sh", job=job, python=sys.executable, workdir=str(REPO_DIR),
+    text = render("local.sh", job=job, python=sys.executable, workdir=str(job.workdir),
                   env=dict(job.run.hardware.launch_env),
                   max_restarts=job.run.launch.max_restarts,
                   trainer_args=job.trainer_args(str(path)))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from launch.job import REPO_DIR, Job, render, save
+from launch.job import Job, render, save
 from trainer.config import KEY, ConfigError, time_limit_seconds
 
 FILE_NAME = "job.sbatch"
@@ -40,7 +40,7 @@ def build(job: Job) -> tuple[str, str]:
                   account=c.account, qos=c.qos, log_path=log_path(job),
                   warning_s=c.preempt_warning_s, max_requeues=c.max_requeues,
                   env=dict(job.run.hardware.launch_env), image=c.image,
-                  python="python" if c.image else sys.executable, workdir=str(REPO_DIR),
+                  python="python" if c.image else sys.executable, workdir=str(job.workdir),
                   rdzv_port=c.rdzv_port, container_flags=container, script_path=str(path),
                   trainer_args=job.trainer_args(str(path)))
     return FILE_NAME, text

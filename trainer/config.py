@@ -229,7 +229,8 @@ class LaunchConfig:
 
     dry_run: bool = False  # print the job, submit nothing
     max_restarts: int = 0  # torchrun --max-restarts (cluster=local)
-    # where the run's outputs, checkpoints and the rendered job go; null: outputs/launch/<time>
+    # where the run's outputs, checkpoints and the rendered job go; null:
+    # outputs/launch/<date>/<time> under the directory the launcher runs in
     run_dir: Optional[str] = None
     wait: bool = False  # SLURM/EKS: wait for the job to end and report its MLflow run
     # set by the launcher: the rendered job file, logged (redacted) to the MLflow run

@@ -72,3 +72,15 @@ def test_the_sbatch_script_asks_for_what_the_config_says():
     assert "RDZV_PORT=$(( 29500 + SLURM_JOB_ID % 1000 ))" in text
     assert "checkpoint.resume=last" in text and "hydra.run.dir=/shared/run" in text
     assert "launch.dry_run" not in text  # launcher-only keys stay with the launcher
+
+
+@pytest.mark.parametrize("cluster", [["cluster=local"], SLURM[:2]])
+def test_every_node_starts_where_the_user_launched(cluster, tmp_path, monkeypatch):
+    # run from a project directory, not the repository: relative overrides keep their meaning
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*cluster, "launch.dry_run=true", "data.path=data/mine"]) == 0
+    text = out.getvalue()
+    assert f"cd {tmp_path}\n" in text and "data.path=data/mine" in text
+    assert f"hydra.run.dir={tmp_path}/outputs/launch/" in text
