@@ -85,7 +85,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
                                                                   run.trainer.max_steps // 20)))
     if track:
-        every += track.callbacks
+        every.append(tracking.RunContinuity(track))
     every += callbacks
 
     trainer = pl.Trainer(
@@ -96,7 +96,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
         accumulate_grad_batches=mesh_plan.accumulation,
-        logger=track.logger if track else False,
+        logger=tracking.TrackingLogger(track) if track else False,
         callbacks=every,
         default_root_dir=run_dir,
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by

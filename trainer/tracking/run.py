@@ -16,10 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
-
 from trainer.config import KEY
-from trainer.tracking.lightning import RunContinuity, TrackingLogger
 from trainer.tracking.record import RunRecord, SweepInfo
 from trainer.tracking.redact import Redactor, redact_uri
 from trainer.tracking.sender import Sender
@@ -57,8 +54,6 @@ class Tracking:
         self._monitor: Any = None
         self._last_step = 0
         self._kept_step: int | None = None
-        self.logger = TrackingLogger(self)
-        self.callbacks: list[pl.Callback] = [RunContinuity(self)]
         if self.sends:
             atexit.register(self._close_at_exit)
 
