@@ -9,8 +9,7 @@ from typing import Any
 
 import torch
 
-from trainer import config
-from trainer.config import RunConfig
+from trainer.config import KEY, ConfigError, RunConfig
 from trainer.data import dataset_vocab_size
 from trainer.plan import MeshPlan, plan
 
@@ -22,14 +21,14 @@ def check_startable(run: RunConfig) -> MeshPlan:
     `fit` calls it again for callers that come in without that preflight."""
     mesh_plan = plan(run)
     in_cluster = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
-    config.check_launchable(run, in_cluster=in_cluster)
-    config.check_drivable(run, **_devices_here(run))
-    config.check_dataset(run, vocab_size=dataset_vocab_size(run.data))
+    check_launchable(run, in_cluster=in_cluster)
+    check_drivable(run, **_devices_here(run))
+    check_dataset(run, vocab_size=dataset_vocab_size(run.data))
     return mesh_plan
 
 
 def _devices_here(run: RunConfig) -> dict[str, Any]:
-    """The facts `config.check_drivable` judges: visible GPUs, and why TorchNeuron is missing."""
+    """The facts `check_drivable` judges: visible GPUs, and why TorchNeuron is missing."""
     neuron_missing = None
     if run.hardware.device_type == "neuron" and run.hardware.backend == "neuron":
         from trainer.mesh import import_torch_neuronx
@@ -40,3 +39,46 @@ def _devices_here(run: RunConfig) -> dict[str, Any]:
             neuron_missing = str(exc)
     cuda = torch.cuda.device_count() if run.hardware.device_type == "cuda" else 0
     return {"cuda_devices": cuda, "neuron_missing": neuron_missing}
+
+
+# The checks take the facts as arguments (gathered above), so each is tested without the
+# machine it describes.
+
+
+def check_launchable(run: RunConfig, *, in_cluster: bool) -> None:
+    """What `python -m trainer` itself can start: one node (more go through `launch`)."""
+    if run.cluster.nodes > 1 and not in_cluster:
+        raise ConfigError(KEY.cluster.nodes, run.cluster.nodes,
+                          "a run of several nodes starts through `python -m launch` (SLURM, EKS) "
+                          "or torchrun on each node; `python -m trainer` alone runs one node")
+
+
+def check_drivable(run: RunConfig, *, cuda_devices: int, neuron_missing: str | None) -> None:
+    """Whether this machine can drive `run.hardware`: `cuda_devices` GPUs are visible and
+    `neuron_missing` says why TorchNeuron cannot be imported (None: it can). Planning needs none
+    of this (`python -m trainer.plan` plans a GPU cluster from a laptop); training does."""
+    hw = run.hardware
+    plan_hint = f"plan it here with `python -m trainer.plan hardware={hw.name}`"
+    if hw.device_type == "neuron" and hw.backend == "xla":
+        raise ConfigError(KEY.hardware, hw.name,
+                          f"{hw.name} trains only through the XLA path (torch-neuronx with "
+                          "PyTorch/XLA), which ultramesh does not implement yet; TorchNeuron "
+                          f"(backend neuron) starts at Trn2; {plan_hint}")
+    if hw.device_type == "neuron" and neuron_missing:
+        raise ConfigError(KEY.hardware, hw.name, neuron_missing)
+    if hw.device_type == "cuda" and cuda_devices == 0:
+        raise ConfigError(KEY.hardware, hw.name,
+                          "needs CUDA GPUs and torch sees none on this machine; run it on a GPU "
+                          f"node (`python -m launch`), or {plan_hint}")
+    if hw.device_type == "cuda" and cuda_devices < run.ranks_per_node:
+        raise ConfigError(KEY.trainer.devices, run.ranks_per_node,
+                          f"this machine has {cuda_devices} CUDA GPU(s); set trainer.devices to "
+                          f"at most {cuda_devices}")
+
+
+def check_dataset(run: RunConfig, *, vocab_size: int) -> None:
+    """The dataset's token ids (up to `vocab_size` - 1) must all have an embedding."""
+    if run.uses_reference_model and vocab_size > run.model.vocab_size:
+        raise ConfigError(KEY.model.vocab_size, run.model.vocab_size,
+                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
+                          f"{vocab_size - 1}; use a vocabulary of at least {vocab_size}")
