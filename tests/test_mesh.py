@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.dcp_weights import assert_close, weights
 from trainer.hardware import HardwareSpec
 from trainer.mesh import (
     build_mesh,
@@ -114,26 +114,14 @@ def losses(run_dir: Path) -> dict[int, float]:
             LOSS_LINE.findall((run_dir / "test-output.txt").read_text())}
 
 
-def final_weights(checkpoints: Path) -> dict[str, torch.Tensor]:
-    path = checkpoints / f"step-{STEPS:08d}.ckpt"
-    if path.is_dir():  # a sharded checkpoint: gather it into one file
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        dcp_to_torch_save(path, checkpoints / "gathered.pt")
-        path = checkpoints / "gathered.pt"
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-
-
 def assert_matches(run_dir: Path, checkpoints: Path, reference: Path, steps: range) -> None:
     got, want = losses(run_dir), losses(reference)
     assert sorted(got) == list(steps), got
     for step in steps:  # the log prints 4 decimals
         assert got[step] == pytest.approx(want[step], abs=2e-4), (step, got, want)
-    ours, theirs = final_weights(checkpoints), final_weights(reference / "checkpoints")
-    assert ours.keys() == theirs.keys()
-    for key, expected in theirs.items():
-        # float32 reductions in another order: ~1e-5 relative after a few AdamW steps
-        assert (ours[key] - expected).norm() <= 1e-3 * expected.norm(), key
+    final = f"step-{STEPS:08d}.ckpt"
+    assert_close(weights(str(checkpoints / final)),
+                 weights(str(reference / "checkpoints" / final)))
 
 
 @pytest.fixture(scope="module")

@@ -19,11 +19,9 @@ from pathlib import Path
 import fsspec
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from tests.checkpoint.faulty_s3 import FaultyS3
+from tests.dcp_weights import assert_close, weights
 
 pytestmark = pytest.mark.slow
 
@@ -76,24 +74,6 @@ def committed_steps(url: str, env: dict[str, str], *options: str) -> dict[int, s
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines()[1:] if line[:1] == " "]
     return {int(r[0]): r[2] for r in rows if len(r) > 2 and r[1] == "yes"}
-
-
-def weights(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    """The model weights of a DCP checkpoint, read by torch alone (not our reader)."""
-    reader = FsspecReader(url, **(storage_options or {}))
-    metadata = reader.read_metadata()
-    state = {key: torch.empty(md.size, dtype=md.properties.dtype)
-             for key, md in metadata.state_dict_metadata.items()
-             if key.startswith("state_dict.") and isinstance(md, TensorStorageMetadata)}
-    dcp.load(state, storage_reader=FsspecReader(url, **(storage_options or {})), no_dist=True)
-    return state
-
-
-def assert_close(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    assert ours.keys() == theirs.keys()
-    for key, expected in theirs.items():
-        # float32 reductions in another order: ~1e-5 relative after a few AdamW steps
-        assert (ours[key] - expected).norm() <= 1e-3 * expected.norm(), key
 
 
 # ------------------------------------------------------------------------------------------------

@@ -40,13 +40,3 @@ def committed_step(run_dir: Path) -> int | None:
 
 def losses(client, run: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run, "train/loss")}
-
-
-def final_weights(checkpoint: Path) -> dict:
-    """The model's full tensors from a (sharded) checkpoint."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = checkpoint.parent / f"{checkpoint.name}.pt"
-    dcp_to_torch_save(str(checkpoint), str(out))
-    return torch.load(out, weights_only=False)["state_dict"]

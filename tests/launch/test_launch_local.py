@@ -15,7 +15,8 @@ import psutil
 import pytest
 import torch
 
-from tests.launch.helpers import REPO, SMALL, committed_step, env, final_weights, launch, run_id
+from tests.dcp_weights import weights
+from tests.launch.helpers import REPO, SMALL, committed_step, env, launch, run_id
 
 pytestmark = pytest.mark.slow
 
@@ -75,8 +76,8 @@ def test_torchrun_restarts_a_killed_rank_from_the_newest_checkpoint(tmp_path, ml
     assert run.info.status == "FINISHED"
     assert run.data.tags["attempt"] == "2"
     assert run.data.tags["torchrun.restart_count"] == "1"
-    killed = final_weights(run_dir / "checkpoints" / "step-00000012.ckpt")
-    uninterrupted = final_weights(tmp_path / "reference" / "checkpoints" / "step-00000012.ckpt")
+    killed = weights(str(run_dir / "checkpoints" / "step-00000012.ckpt"))
+    uninterrupted = weights(str(tmp_path / "reference" / "checkpoints" / "step-00000012.ckpt"))
     assert killed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(killed[name], tensor), name

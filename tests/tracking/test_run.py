@@ -406,24 +406,35 @@ def test_an_exception_ends_the_run_with_its_status(
     assert steps(client, run.info.run_id) == [1, 2]  # the steps before the failure, all of them
 
 
-def resumable_job(uri: str, experiment: str, run_dir: Path) -> list[str]:
+class ResumableJob:
     """10 steps of the user's model, a checkpoint every 4, resuming from the newest one under a
     stable run dir. A quarter second a step leaves time to signal it after its first checkpoint."""
-    return [*SMALL, *tracked_by(uri, experiment), "trainer.max_steps=10",
-            "checkpoint.every_n_steps=4", "checkpoint.resume=last", f"hydra.run.dir={run_dir}",
-            *user_model(step_seconds=0.25)]
+
+    def __init__(self, uri: str, name: str, tmp_path: Path, user_module_dir: Path,
+                 start_trainer):
+        self.experiment = new_experiment(name)
+        self.client = MlflowClient(uri)
+        self.cwd, self.start_trainer = tmp_path, start_trainer
+        self.args = [*SMALL, *tracked_by(uri, self.experiment), "trainer.max_steps=10",
+                     "checkpoint.every_n_steps=4", "checkpoint.resume=last",
+                     f"hydra.run.dir={tmp_path / 'run'}", *user_model(step_seconds=0.25)]
+        self.env = {"PYTHONPATH": str(user_module_dir)}
+
+    def start(self):
+        return self.start_trainer(self.cwd, *self.args, env=self.env)
+
+    def start_until_the_first_checkpoint(self):
+        first = self.start()
+        first.wait_for(r"checkpoint step 4:")
+        return first
 
 
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
         mlflow_server: str, tmp_path: Path, user_module_dir: Path, start_trainer):
-    experiment = new_experiment("sigterm")
-    args = resumable_job(mlflow_server, experiment, tmp_path / "run")
-    env = {"PYTHONPATH": str(user_module_dir)}
-    client = MlflowClient(mlflow_server)
-
-    first = start_trainer(tmp_path, *args, env=env)
-    first.wait_for(r"checkpoint step 4:")
+    job = ResumableJob(mlflow_server, "sigterm", tmp_path, user_module_dir, start_trainer)
+    client, experiment = job.client, job.experiment
+    first = job.start_until_the_first_checkpoint()
     first.process.send_signal(signal.SIGTERM)
     # A preempted job must not look successful to its scheduler: 128 + SIGTERM, as a shell says.
     assert first.finish() == 128 + signal.SIGTERM, first.tail
@@ -433,7 +444,7 @@ def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
     assert 4 <= killed_at < 10
     resumed_at = now_ms()
 
-    train(start_trainer(tmp_path, *args, env=env))
+    train(job.start())
     run = only_run(client, experiment)
     assert run.info.run_id == run_id
     assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
@@ -452,20 +463,16 @@ def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
 @pytest.mark.slow
 def test_sigkill_after_a_checkpoint_loses_no_step_and_the_resume_continues_the_run(
         mlflow_server: str, tmp_path: Path, user_module_dir: Path, start_trainer):
-    experiment = new_experiment("sigkill")
-    args = resumable_job(mlflow_server, experiment, tmp_path / "run")
-    env = {"PYTHONPATH": str(user_module_dir)}
-    client = MlflowClient(mlflow_server)
-
-    first = start_trainer(tmp_path, *args, env=env)
-    first.wait_for(r"checkpoint step 4:")
+    job = ResumableJob(mlflow_server, "sigkill", tmp_path, user_module_dir, start_trainer)
+    client, experiment = job.client, job.experiment
+    first = job.start_until_the_first_checkpoint()
     first.process.kill()  # no handler runs, nothing is flushed on the way out
     assert first.finish() == -signal.SIGKILL
     run_id = only_run(client, experiment).info.run_id
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody was left to end it
     resumed_at = now_ms()
 
-    train(start_trainer(tmp_path, *args, env=env))
+    train(job.start())
     run = only_run(client, experiment)
     assert run.info.run_id == run_id
     assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
