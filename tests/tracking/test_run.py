@@ -428,6 +428,18 @@ class ResumableJob:
         first.wait_for(r"checkpoint step 4:")
         return first
 
+    def resume_as_attempt_2(self, run_id: str) -> tuple[list[int], list[int]]:
+        """Start again to the end: the same run must finish as attempt 2. The `train/loss` steps
+        it holds from before the restart and from after it."""
+        resumed_at = now_ms()
+        train(self.start())
+        run = only_run(self.client, self.experiment)
+        assert run.info.run_id == run_id
+        assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
+        history = self.client.get_metric_history(run_id, "train/loss")
+        return (sorted(m.step for m in history if m.timestamp < resumed_at),
+                sorted(m.step for m in history if m.timestamp >= resumed_at))
+
 
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
@@ -442,20 +454,13 @@ def test_sigterm_ends_the_run_killed_and_a_resume_continues_it(
     assert client.get_run(run_id).info.status == "KILLED", first.tail
     killed_at = max(steps(client, run_id))
     assert 4 <= killed_at < 10
-    resumed_at = now_ms()
 
-    train(job.start())
-    run = only_run(client, experiment)
-    assert run.info.run_id == run_id
-    assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
-    history = client.get_metric_history(run_id, "train/loss")
+    before, after = job.resume_as_attempt_2(run_id)
     # the killed attempt sent every step it trained; the resumed one starts after its newest
     # checkpoint and goes on to the end
     last_checkpoint = max(int(m[1]) for m in first.found(r"checkpoint step (\d+):"))
-    assert sorted(m.step for m in history if m.timestamp < resumed_at) == list(
-        range(1, killed_at + 1))
-    assert sorted(m.step for m in history if m.timestamp >= resumed_at) == list(
-        range(last_checkpoint + 1, 11))
+    assert before == list(range(1, killed_at + 1))
+    assert after == list(range(last_checkpoint + 1, 11))
     paths = all_artifacts(client, run_id)
     assert "attempts/2/resolved.yaml" in paths and "config/resolved.yaml" in paths
 
@@ -470,16 +475,9 @@ def test_sigkill_after_a_checkpoint_loses_no_step_and_the_resume_continues_the_r
     assert first.finish() == -signal.SIGKILL
     run_id = only_run(client, experiment).info.run_id
     assert client.get_run(run_id).info.status == "RUNNING"  # nobody was left to end it
-    resumed_at = now_ms()
 
-    train(job.start())
-    run = only_run(client, experiment)
-    assert run.info.run_id == run_id
-    assert run.info.status == "FINISHED" and run.data.tags["attempt"] == "2"
-    history = client.get_metric_history(run_id, "train/loss")
-    before = {m.step for m in history if m.timestamp < resumed_at}
-    after = sorted(m.step for m in history if m.timestamp >= resumed_at)
-    assert {1, 2, 3, 4} <= before  # in MLflow by the time checkpoint 4 was committed
+    before, after = job.resume_as_attempt_2(run_id)
+    assert {1, 2, 3, 4} <= set(before)  # in MLflow by the time checkpoint 4 was committed
     assert after == list(range(5, 11))
 
 
