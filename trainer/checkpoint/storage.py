@@ -41,12 +41,6 @@ def join(url: str, *names: str) -> str:
     return posixpath.join(url.rstrip("/"), *names)
 
 
-def with_protocol(template: str, path: str) -> str:
-    """`path` (as fsspec lists it, protocol stripped) with the protocol of `template` put back."""
-    protocol, sep, _ = template.partition("://")
-    return f"{protocol}://{path}" if sep else path
-
-
 def probe(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Write and delete a small object under `url`; raises whatever the store answered."""
     fs, root = filesystem(url, storage_options)

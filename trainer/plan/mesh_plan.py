@@ -10,8 +10,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from trainer.config import ConfigError
-
 
 @dataclass(frozen=True)
 class Rejection:
@@ -24,9 +22,6 @@ class Rejection:
 
     def __str__(self) -> str:
         return f"{self.key}={self.value}: {self.why}"
-
-    def as_config_error(self) -> ConfigError:
-        return ConfigError(self.key, self.value, self.why)
 
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost
