@@ -116,7 +116,7 @@ def _schema_default(f: dataclasses.Field) -> Any:
     return MISSING
 
 
-# ---- allowed values: the checks in the schema's module ---------------------------------------
+# ---- allowed values: the checks in the schema's module and in preflight ---------------------
 
 def _loop_values(parents: list[ast.AST], name: str) -> list[str] | None:
     """The strings a `for name in ("a", "b")` loop around a check binds `name` to."""
@@ -132,9 +132,16 @@ def _loop_values(parents: list[ast.AST], name: str) -> list[str] | None:
 
 
 def _keys_of(expr: ast.expr, parents: list[ast.AST]) -> list[str]:
-    """The dotted keys a check's first argument names: a string, or an f-string over a loop."""
+    """The dotted keys a check's first argument names: a string, `KEY.<dotted>`, or an f-string
+    over a loop."""
     if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
         return [expr.value]
+    if isinstance(expr, ast.Attribute):  # KEY.trainer.devices
+        parts: list[str] = []
+        while isinstance(expr, ast.Attribute):
+            parts.insert(0, expr.attr)
+            expr = expr.value
+        return [".".join(parts)] if isinstance(expr, ast.Name) and expr.id == "KEY" else []
     if isinstance(expr, ast.JoinedStr) and len(expr.values) == 2:
         head, tail = expr.values
         if (isinstance(head, ast.Constant) and isinstance(tail, ast.FormattedValue)
@@ -166,7 +173,7 @@ def _text(expr: ast.expr, module: Any) -> str | None:
 
 
 def allowed_values(module_name: str) -> dict[str, list[str]]:
-    """What each key's checks accept, read from the calls in the schema's module: `_one_of(key,
+    """What each key's checks accept, read from the calls in module `module_name`: `_one_of(key,
     value, allowed)`, `_positive(key, value)` and `ConfigError(key, value, message)`. A call this
     cannot read (a key built at run time) is left out rather than guessed."""
     module = importlib.import_module(module_name)
@@ -299,7 +306,8 @@ def keys() -> list[Key]:
     files = config_files()
     sections = list(_sections(RunConfig))
     allowed: dict[str, list[str]] = {}
-    for module in dict.fromkeys(cls.__module__ for _, cls in sections):
+    # the schema's module, and preflight's checks that need facts from outside the config
+    for module in dict.fromkeys([*(cls.__module__ for _, cls in sections), "trainer.preflight"]):
         for key, texts in allowed_values(module).items():
             allowed.setdefault(key, []).extend(t for t in texts if t not in allowed.get(key, []))
     result = []
