@@ -34,9 +34,6 @@ def file_name(job: Job) -> str:
 
 def check(job: Job) -> None:
     c, hw = job.run.cluster, job.run.hardware
-    if not c.namespace:
-        raise ConfigError(KEY.cluster.namespace, c.namespace,
-                          "cluster=eks needs the namespace to run in")
     if not c.image:
         raise ConfigError(KEY.cluster.image, c.image,
                           "cluster=eks needs the training image (this repository installed)")
@@ -174,7 +171,8 @@ def build(job: Job) -> tuple[str, str]:
                   placement=placement, topology_key=key, group=group,
                   instance_type=hw.instance_type)
     config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {"name": f"{job.name}-launch", "namespace": c.namespace,
+                  "metadata": {"name": f"{job.name}-launch",
+                               **({"namespace": c.namespace} if c.namespace else {}),
                                "labels": labels},
                   "data": {name: text}}
     # The ConfigMap holds the manifest above it, for the MLflow run's `launch/` artifact.

@@ -17,9 +17,6 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 def check(job: Job) -> None:
     c = job.run.cluster
-    if not c.partition:
-        raise ConfigError(KEY.cluster.partition, c.partition,
-                          "cluster=slurm needs the partition to submit to (sinfo lists them)")
     limit = time_limit_seconds(c.time_limit)
     if c.preempt_warning_s >= limit:
         raise ConfigError(KEY.cluster.preempt_warning_s, c.preempt_warning_s,

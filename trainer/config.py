@@ -206,7 +206,7 @@ class ClusterConfig:
     # container image: optional on SLURM (pyxis/enroot --container-image), required on EKS
     image: Optional[str] = None
     # SLURM
-    partition: Optional[str] = None
+    partition: Optional[str] = None  # sbatch --partition (null: the cluster's default partition)
     account: Optional[str] = None  # sbatch --account to charge
     qos: Optional[str] = None  # sbatch --qos
     time_limit: str = "01:00:00"  # sbatch --time: minutes, [D-]HH:MM:SS, MM:SS
@@ -216,7 +216,8 @@ class ClusterConfig:
     rdzv_port: int = 29500  # torchrun's c10d rendezvous port on the first node (+ job id % 1000)
     # EKS
     job_kind: str = "trainjob"  # trainjob (Kubeflow Trainer v2) | pytorchjob | job (Indexed Job)
-    namespace: Optional[str] = None  # the Kubernetes namespace the job runs in (EKS)
+    # the Kubernetes namespace the job runs in (EKS; null: kubectl's current context's)
+    namespace: Optional[str] = None
     runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob refers to
     service_account: Optional[str] = None  # S3 and MLflow credentials via IRSA / Pod Identity
     queue: Optional[str] = None  # Kueue LocalQueue (label kueue.x-k8s.io/queue-name)

@@ -16,7 +16,6 @@ SLURM = ["cluster=slurm", "cluster.partition=debug", "launch.dry_run=true"]
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (["cluster=slurm", "cluster.partition=null"], "cluster.partition"),
     ([*SLURM, "cluster.time_limit=1:xx"], "cluster.time_limit"),
     ([*SLURM, "cluster.time_limit=0"], "cluster.time_limit"),
     ([*SLURM, "cluster.time_limit=00:05:00", "cluster.preempt_warning_s=600"],
@@ -72,6 +71,13 @@ def test_the_sbatch_script_asks_for_what_the_config_says():
     assert "RDZV_PORT=$(( 29500 + SLURM_JOB_ID % 1000 ))" in text
     assert "checkpoint.resume=last" in text and "hydra.run.dir=/shared/run" in text
     assert "launch.dry_run" not in text  # launcher-only keys stay with the launcher
+
+
+def test_without_a_partition_sbatch_uses_the_clusters_default():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["cluster=slurm", "launch.dry_run=true"]) == 0
+    assert "#SBATCH --nodes=1\n" in out.getvalue() and "--partition" not in out.getvalue()
 
 
 @pytest.mark.parametrize("cluster", [["cluster=local"], SLURM[:2]])

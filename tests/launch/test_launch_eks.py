@@ -1,6 +1,7 @@
 """`python -m launch cluster=eks`: every kind of manifest, for GPU and Trainium, inside and beyond
 one UltraServer / NVLink domain, checked by the real validators: kubernetes-validate --strict for
-core kinds (and each PyTorchJob pod template as a core PodTemplate), and a round trip through the
+core kinds (and each pod template inside a CRD as a core PodTemplate: a PyTorchJob's replica specs,
+a TrainJob's runtime patches), and a round trip through the
 Kubeflow API models for the CRDs, where any field the model does not know would be dropped."""
 
 from __future__ import annotations
@@ -82,6 +83,19 @@ def manifests() -> dict[tuple[str, str], str]:
             for setup, args in SETUPS.items() for kind in KINDS}
 
 
+def pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """(name, pod template) of each pod a CRD carries: a PyTorchJob's replica specs; a TrainJob's
+    runtime patches, each replicated job's pod template (what Trainer merges into the runtime's
+    JobSet), which must be a valid pod template on its own."""
+    if doc["kind"] == "PyTorchJob":
+        return [(role.lower(), spec["template"])
+                for role, spec in doc["spec"]["pytorchReplicaSpecs"].items()]
+    return [(f"{patch['manager'].replace('/', '-')}-{job['name']}",
+             job["template"]["spec"]["template"])
+            for patch in doc["spec"].get("runtimePatches", [])
+            for job in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+
+
 def test_core_kinds_pass_kubernetes_validate_strict(manifests, tmp_path):
     exe = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -91,11 +105,10 @@ def test_core_kinds_pass_kubernetes_validate_strict(manifests, tmp_path):
         docs = []
         for doc in yaml.safe_load_all(text):
             if doc["kind"] in CRD_MODELS:
-                # the pod templates inside a PyTorchJob are core objects: check them strictly too
-                for role, spec in doc["spec"].get("pytorchReplicaSpecs", {}).items():
-                    docs.append({"apiVersion": "v1", "kind": "PodTemplate",
-                                 "metadata": {"name": f"{doc['metadata']['name']}-{role.lower()}"},
-                                 "template": spec["template"]})
+                # the pod templates inside a CRD are core objects: check them strictly too
+                docs += [{"apiVersion": "v1", "kind": "PodTemplate",
+                          "metadata": {"name": f"{doc['metadata']['name']}-{name}"},
+                          "template": template} for name, template in pod_templates(doc)]
             else:
                 docs.append(doc)
         path = tmp_path / f"{setup}-{kind}.yaml"
@@ -105,6 +118,21 @@ def test_core_kinds_pass_kubernetes_validate_strict(manifests, tmp_path):
     result = subprocess.run([exe, "--strict", *files], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (result.stdout + result.stderr).count(" passed ") == expected
+
+
+def test_a_bad_pod_field_in_the_trainjobs_runtime_patch_fails_validation(manifests, tmp_path):
+    exe = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent))
+    if exe is None:
+        require("kubernetes-validate", "pip install kubernetes-validate (the dev extra)")
+    doc = next(yaml.safe_load_all(manifests[("h100x2", "trainjob")]))
+    (name, template), = pod_templates(doc)
+    template["spec"]["terminationGracePeriodSecond"] = 90  # misspelt
+    path = tmp_path / "pod.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "PodTemplate",
+                                    "metadata": {"name": name}, "template": template}))
+    result = subprocess.run([exe, "--strict", str(path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "terminationGracePeriodSecond" in result.stdout + \
+        result.stderr
 
 
 def test_kubeflow_models_keep_every_field_of_each_crd(manifests):
@@ -177,7 +205,6 @@ def test_golden_files(manifests, setup, kind):
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (["hardware=h100", "cluster.namespace=null"], "cluster.namespace"),
     (["hardware=h100", "cluster.image=null"], "cluster.image"),
     (["hardware=cpu"], "hardware"),
     (["hardware=trn3_ultraserver_64", "cluster.nodes=4"], "hardware.instance_type"),
@@ -192,6 +219,14 @@ def test_bad_input_is_refused_in_one_line(overrides, key, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"config error: {key}"), err
     assert "abc" not in err
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_without_a_namespace_kubectl_uses_its_contexts(kind):
+    text = render("hardware=h100", "cluster.namespace=null", f"cluster.job_kind={kind}")
+    docs = list(yaml.safe_load_all(text))
+    assert len(docs) >= 2 and all("namespace" not in doc["metadata"] for doc in docs)
+    assert "namespace:" not in text
 
 
 def test_the_readme_command_renders_a_trn2_ultraserver_trainjob():
