@@ -176,7 +176,9 @@ class CheckpointConfig:
     # stage to host memory and write from a thread while training goes on (one save in flight)
     async_save: bool = True
     io_threads: int = 4  # parallel writers per rank
-    # null: start fresh; "last": the newest sound committed checkpoint under `dir`; or a URL
+    # null: start at step 0; "last": the newest committed checkpoint under `dir` that passes
+    # verification (none committed: step 0; all damaged: refused); "fresh": step 0 on purpose,
+    # keeping what `dir` holds; or the URL of one committed checkpoint
     resume: Optional[str] = None
     # fsspec options of `dir`: endpoint_url, key, secret, client_kwargs... (set without a `+`)
     storage_options: dict[str, Any] = field(default_factory=dict)

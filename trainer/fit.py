@@ -27,7 +27,7 @@ from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
 from trainer.plan import MeshPlan
 from trainer.preemption import Preemption, isolate_restart_attempts
-from trainer.preflight import check_startable
+from trainer.preflight import check_startable, global_rank
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,14 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     # A destination that cannot be written, or a resume URL that is not a committed checkpoint,
     # stops the run here, before any step or MLflow run exists.
     checkpoint.check_destination(run.checkpoint, run_dir)
-    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
+    resume = checkpoint.resume_path(run.checkpoint, run_dir, verify=global_rank(run) == 0)
+    ckpt_path = resume.url
 
     if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
         sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
                            mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
-                           rank=_global_rank(run), sweep=sweep,
+                           rank=global_rank(run), sweep=sweep,
                            launch_artifact=_launch_artifact(run))
     monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
@@ -72,13 +73,12 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         run.checkpoint.storage_options, io_threads=run.checkpoint.io_threads,
         mesh=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
         config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run))
-    checkpoints.fallback = run.checkpoint.resume == "last"
     saver = checkpoint.PeriodicCheckpoint(
         checkpoints, checkpoint.checkpoint_dir(run.checkpoint, run_dir),
         every_n_steps=run.checkpoint.every_n_steps, keep_last=run.checkpoint.keep_last,
         keep_every=run.checkpoint.keep_every, async_save=run.checkpoint.async_save,
         on_saved=track.log_checkpoint if track else None,
-        on_failed=track.log_checkpoint_failure if track else None)
+        on_failed=track.log_checkpoint_failure if track else None, protected=resume.keep)
     preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
     every: list[pl.Callback] = [monitor, saver, preemption]
     if run.trainer.progress_bar:
@@ -198,16 +198,6 @@ def _same_threads_on_every_rank(run: RunConfig) -> None:
     threads = os.environ.setdefault(
         "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // run.ranks_per_node)))
     torch.set_num_threads(int(threads))
-
-
-def _global_rank(run: RunConfig) -> int:
-    """This process's rank before any process group exists: torchrun and SLURM export it;
-    Lightning's own launcher exports only the local rank to the processes it starts."""
-    for var in ("RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return int(os.environ[var])
-    node = int(os.environ.get("NODE_RANK", "0"))
-    return node * run.ranks_per_node + int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _report(result: FitResult, track: tracking.Tracking | None) -> None:

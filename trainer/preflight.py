@@ -1,10 +1,13 @@
 """What must hold before a validated run starts, beyond the config itself: a mesh that works,
-a node count this entry point can start, devices this machine can drive, a dataset that exists and
-fits the model. Cheap to import (no Lightning), so a refused run costs little time."""
+a node count this entry point can start, devices this machine can drive, every URL it names
+reachable, a dataset that exists and fits the model. Cheap to import (no Lightning), so a refused
+run costs little time."""
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +15,10 @@ import torch
 from trainer.config import KEY, ConfigError, RunConfig
 from trainer.data import dataset_vocab_size
 from trainer.plan import MeshPlan, plan
+from trainer.urls import check_url
+
+# checkpoint.resume values that name no URL (trainer/checkpoint/resume.py)
+_NOT_URLS = (None, "", "none", "last", "fresh")
 
 
 def check_startable(run: RunConfig) -> MeshPlan:
@@ -23,8 +30,50 @@ def check_startable(run: RunConfig) -> MeshPlan:
     in_cluster = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
     check_launchable(run, in_cluster=in_cluster)
     check_drivable(run, **_devices_here(run))
+    check_reachable(run, rank=global_rank(run))
     check_dataset(run, vocab_size=dataset_vocab_size(run.data))
     return mesh_plan
+
+
+def global_rank(run: RunConfig) -> int:
+    """This process's rank before any process group exists: torchrun and SLURM export it;
+    Lightning's own launcher exports only the local rank to the processes it starts."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var])
+    node = int(os.environ.get("NODE_RANK", "0"))
+    return node * run.ranks_per_node + int(os.environ.get("LOCAL_RANK", "0"))
+
+
+_reached: set[str] = set()  # URL checks this process passed: a sweep's jobs share most URLs
+
+
+def check_reachable(run: RunConfig, *, rank: int) -> None:
+    """Every URL the run names answers (`trainer.urls.check_url`): the dataset's, the checkpoint
+    directory (a probe object written and deleted; a relative one lives under the run directory,
+    which `fit` checks once it exists), the resume URL (a committed checkpoint); on rank 0, which
+    alone talks to it, the tracking URI."""
+    d, c = run.data, run.checkpoint
+    checks: list[tuple[Any, ...]] = []
+    if d.path:
+        checks.append((KEY.data.path, d.path, d.storage_options, False,
+                       KEY.data.storage_options))
+    if "://" in c.dir or Path(c.dir).is_absolute():
+        checks.append((KEY.checkpoint.dir, c.dir, c.storage_options, True,
+                       KEY.checkpoint.storage_options))
+    for key, url, options, writable, options_key in checks:
+        done = json.dumps([key, url, options, writable], sort_keys=True, default=str)
+        if done not in _reached:
+            check_url(key, url, options, writable=writable, options_key=str(options_key))
+            _reached.add(done)
+    if c.resume not in _NOT_URLS:  # reached, and committed (rank 0 verifies it in `fit`)
+        from trainer.checkpoint.resume import decide
+
+        decide(c.resume, c.dir, c.storage_options, verify=False)
+    if run.tracking.backend == "mlflow" and rank == 0:
+        from trainer.tracking.store import check_uri, resolve_uri
+
+        check_uri(resolve_uri(run.tracking.uri), reachable=run.tracking.fail_on_unreachable)
 
 
 def _devices_here(run: RunConfig) -> dict[str, Any]:

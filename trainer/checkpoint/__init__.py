@@ -2,8 +2,8 @@
 async saves committed by a manifest with checksums, retention, resume on any mesh, export.
 
 Public: `CheckpointIO`, `PeriodicCheckpoint` (its `save(trainer)` returns once committed),
-`checkpoint_dir`, `resume_path`, `check_destination`, `config_hash`, `attach`, and the command
-line `python -m trainer.checkpoint list|export`.
+`checkpoint_dir`, `resume_path` (what to resume from: `resume.py`), `check_destination`,
+`config_hash`, `attach`, and the command line `python -m trainer.checkpoint list|export`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ from trainer.checkpoint.manifest import (
     scan,
     step_name,
 )
-from trainer.checkpoint.storage import one_line, probe
+from trainer.checkpoint.resume import Resume, decide
 from trainer.checkpoint.strategies import attach, checkpoint_io_of, data_parallel, single_process
-from trainer.config import CheckpointConfig, ConfigError, RunConfig
+from trainer.config import KEY, CheckpointConfig, RunConfig
+from trainer.urls import check_url
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MANIFEST", "CheckpointFailed", "CheckpointIO", "Manifest", "PeriodicCheckpoint",
+    "MANIFEST", "CheckpointFailed", "CheckpointIO", "Manifest", "PeriodicCheckpoint", "Resume",
     "SaveResult", "attach", "check_destination", "checkpoint_dir", "checkpoint_io_of",
     "config_hash", "data_parallel", "latest_checkpoint", "read_manifest", "resume_path", "scan",
     "single_process", "step_name", "trainer_state",
@@ -49,14 +50,8 @@ def checkpoint_dir(cfg: CheckpointConfig, run_dir: Path) -> str:
 def check_destination(cfg: CheckpointConfig, run_dir: Path) -> None:
     """Write and delete a small object where checkpoints go; ConfigError naming checkpoint.dir
     if that fails, so a run that could never save stops before its first step."""
-    directory = checkpoint_dir(cfg, run_dir)
-    try:
-        probe(directory, cfg.storage_options)
-    except Exception as exc:
-        raise ConfigError("checkpoint.dir", cfg.dir,
-                          f"cannot write a test object there ({one_line(exc)}); give a path or "
-                          "fsspec URL this process can write, with the endpoint and credentials "
-                          "in checkpoint.storage_options or the standard AWS sources") from exc
+    check_url(KEY.checkpoint.dir, checkpoint_dir(cfg, run_dir), cfg.storage_options,
+              writable=True, options_key=str(KEY.checkpoint.storage_options))
 
 
 def latest_checkpoint(directory: str, storage_options: dict | None = None) -> str | None:
@@ -65,29 +60,12 @@ def latest_checkpoint(directory: str, storage_options: dict | None = None) -> st
     return found.url if found else None
 
 
-def resume_path(cfg: CheckpointConfig, run_dir: Path) -> str | None:
-    """What `checkpoint.resume` asks to resume from: nothing, the newest committed checkpoint (its
-    checksums are checked at load, with fallback to older ones), or a given committed URL."""
+def resume_path(cfg: CheckpointConfig, run_dir: Path, *, verify: bool = True) -> Resume:
+    """What `checkpoint.resume` asks to resume from (`resume.py`); `verify` (rank 0) checks the
+    chosen checkpoint's checksums, falling back to older ones under resume=last."""
     if cfg.resume in (None, "", "none"):
-        return None
-    if cfg.resume == "last":
-        directory = checkpoint_dir(cfg, run_dir)
-        found = latest_checkpoint(directory, cfg.storage_options)
-        if found is None:
-            log.info("checkpoint.resume=last: no committed checkpoint under %s yet; starting "
-                     "fresh", directory)
-        return found
-    try:
-        committed = read_manifest(cfg.resume, cfg.storage_options) is not None
-    except Exception as exc:
-        raise ConfigError("checkpoint.resume", cfg.resume,
-                          f"cannot be read ({one_line(exc)})") from exc
-    if not committed:
-        raise ConfigError("checkpoint.resume", cfg.resume,
-                          f"has no {MANIFEST}: not a committed checkpoint (a save that did not "
-                          "finish, or not a checkpoint); `python -m trainer.checkpoint list DIR` "
-                          "shows the committed ones")
-    return cfg.resume
+        return Resume(None)
+    return decide(cfg.resume, checkpoint_dir(cfg, run_dir), cfg.storage_options, verify=verify)
 
 
 def config_hash(run: RunConfig) -> str:

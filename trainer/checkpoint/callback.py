@@ -35,7 +35,8 @@ class CheckpointFailed(RuntimeError):
 class PeriodicCheckpoint(pl.Callback):
     def __init__(self, io: CheckpointIO, directory: str, *, every_n_steps: int,
                  keep_last: int, keep_every: int = 0, async_save: bool = True,
-                 on_saved: OnSaved | None = None, on_failed: OnFailed | None = None):
+                 on_saved: OnSaved | None = None, on_failed: OnFailed | None = None,
+                 protected: tuple[str, ...] = ()):
         self.io = io
         self.directory = directory
         self.every_n_steps = every_n_steps
@@ -44,6 +45,8 @@ class PeriodicCheckpoint(pl.Callback):
         self.async_save = async_save
         self.on_saved = on_saved
         self.on_failed = on_failed
+        # retention never deletes these: checkpoints found damaged, or there before a fresh start
+        self.protected = protected
         self.last_saved: str | None = None  # the newest committed checkpoint of this run
         self.failures = 0
         self._step = -1
@@ -132,7 +135,7 @@ class PeriodicCheckpoint(pl.Callback):
                 self.on_failed(result.step, result.url, result.error or "unknown")
 
     def _retain(self, result: SaveResult) -> None:
-        protected = {u for u in (self.io.resumed_from, result.url) if u}
+        protected = {u for u in (self.io.resumed_from, result.url, *self.protected) if u}
         retention.prune(self.directory, self.io.storage_options, keep_last=self.keep_last,
                         keep_every=self.keep_every, protected=protected)
 

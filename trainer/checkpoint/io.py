@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -120,7 +119,6 @@ class CheckpointIO(LightningCheckpointIO):
         self.config_hash = config_hash
         self.model = model
         self.strategy: Any = None
-        self.fallback = False  # resume=last: a damaged newest checkpoint falls back to older
         self.resumed_from: str | None = None
         self.loaded_rng: dict[str, Any] | None = None
         self.after_commit: Callable[[SaveResult], None] | None = None  # retention, on rank 0
@@ -252,9 +250,8 @@ class CheckpointIO(LightningCheckpointIO):
 
     def load(self, url: str) -> dict[str, Any]:
         """Load `url` into the bound strategy's model and optimizers (in place, resharded to its
-        mesh); return the rest of the trainer's state as Lightning restores it. With `fallback`
-        (resume=last), rank 0 checks checksums and falls back to an older checkpoint if needed;
-        every rank then loads the one rank 0 chose."""
+        mesh); return the rest of the trainer's state as Lightning restores it. Every rank loads
+        the checkpoint rank 0 names: rank 0's `url` is the one `resume.decide` verified."""
         group = self.group()
         chosen: list[Any] = [None]
         if self.rank == 0:
@@ -266,10 +263,6 @@ class CheckpointIO(LightningCheckpointIO):
             dist.broadcast_object_list(chosen, src=0, group=group)
         if isinstance(chosen[0], str):
             raise RuntimeError(f"cannot resume from {url}: {chosen[0]}")
-        if chosen[0] is None:
-            log.warning("no sound checkpoint to resume from; starting fresh")
-            return {"pytorch-lightning_version": pl.__version__, "optimizer_states": [],
-                    "lr_schedulers": []}
         url, saved_world = chosen[0]
         module, optimizers = self._targets()
         reader = FsspecReader(url, **self.storage_options)
@@ -296,26 +289,15 @@ class CheckpointIO(LightningCheckpointIO):
             log.info("resumed from %s (step %s)", url, checkpoint.get("global_step"))
         return checkpoint
 
-    def _choose(self, url: str) -> tuple[str, int] | None:
+    def _choose(self, url: str) -> tuple[str, int]:
         manifest = mf.read_manifest(url, self.storage_options)
         if manifest is None:
             raise FileNotFoundError(f"{url} has no {mf.MANIFEST}: not a committed checkpoint")
-        problems = mf.verify(url, manifest, self.storage_options)
-        if not problems:
-            if self.config_hash and manifest.config_hash not in ("", self.config_hash):
-                log.warning("checkpoint %s was written by another training config (hash %s, "
-                            "this run %s): model, optimizer, data or seed differ", url,
-                            manifest.config_hash, self.config_hash)
-            return url, manifest.world_size
-        message = f"checkpoint {url} is damaged: {'; '.join(problems)}"
-        if not self.fallback:
-            raise RuntimeError(message)
-        log.error("%s; trying the one before", message)
-        parent = url.rstrip("/").rsplit("/", 1)[0]
-        found = mf.newest_sound(parent, self.storage_options, starting_at=manifest.step - 1)
-        if found is None or found.manifest is None:
-            return None
-        return found.url, found.manifest.world_size
+        if self.config_hash and manifest.config_hash not in ("", self.config_hash):
+            log.warning("checkpoint %s was written by another training config (hash %s, this "
+                        "run %s): model, optimizer, data or seed differ", url,
+                        manifest.config_hash, self.config_hash)
+        return url, manifest.world_size
 
     # -------------------------------------------------------------------------------------------
 

@@ -148,21 +148,3 @@ def scan(directory: str, storage_options: dict | None = None) -> list[Found]:
 def newest_committed(directory: str, storage_options: dict | None = None) -> Found | None:
     committed = [f for f in scan(directory, storage_options) if f.committed]
     return committed[-1] if committed else None
-
-
-def newest_sound(directory: str, storage_options: dict | None = None, *,
-                 starting_at: int | None = None) -> Found | None:
-    """The newest committed checkpoint (at or below step `starting_at`) whose files match their
-    checksums. Damaged ones are reported and skipped for the one before."""
-    for found in reversed([f for f in scan(directory, storage_options) if f.committed]):
-        if starting_at is not None and found.step > starting_at:
-            continue
-        assert found.manifest is not None
-        found.problems = verify(found.url, found.manifest, storage_options)
-        if not found.problems:
-            return found
-        log.error("checkpoint %s is damaged (%s); trying the one before",
-                  found.url, "; ".join(found.problems))
-    return None
-
-

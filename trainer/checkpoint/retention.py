@@ -1,5 +1,6 @@
 """Which checkpoints to keep: the newest `keep_last` committed ones, every `keep_every`-th step,
-and always the one the run resumed from. Runs on rank 0 right after a commit, while no other save
+and always the one the run resumed from and those its resume found damaged (or, starting fresh,
+found there: `resume.py`). Runs on rank 0 right after a commit, while no other save
 can be in flight (at most one is), so nothing being written is ever touched. Step directories
 without a manifest older than the newest commit are failed saves and go too."""
 

@@ -1,6 +1,6 @@
 """Where checkpoints live: fsspec URLs (local paths, file://, s3://) opened with the configured
-`storage_options`, a probe that proves a destination writable, and a DCP writer that records the
-size and SHA-256 of every byte it writes (the manifest's checksums cost no second read)."""
+`storage_options` (reached and probed by `trainer.urls`), and a DCP writer that records the size
+and SHA-256 of every byte it writes (the manifest's checksums cost no second read)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import logging
 import os
 import posixpath
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -18,7 +17,9 @@ from typing import Any
 import fsspec
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
 
-PROBE_NAME = ".ultramesh-probe"
+from trainer.urls import filesystem, is_local, one_line, probe
+
+__all__ = ["HashingWriter", "filesystem", "is_local", "join", "one_line", "probe"]
 
 # boto reports at INFO which credential and endpoint source it used, per client and rank: noise in
 # a run's log (and a preflight error must stay one line).
@@ -26,41 +27,9 @@ for _name in ("botocore.credentials", "aiobotocore.credentials", "botocore.confi
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def filesystem(url: str, storage_options: dict[str, Any] | None = None
-               ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem behind `url` and the path inside it (protocol stripped)."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 def join(url: str, *names: str) -> str:
     """`url` with `names` appended; local paths stay paths, URLs keep their protocol."""
     return posixpath.join(url.rstrip("/"), *names)
-
-
-def probe(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Write and delete a small object under `url`; raises whatever the store answered."""
-    fs, root = filesystem(url, storage_options)
-    if is_local(url):
-        fs.makedirs(root, exist_ok=True)
-    path = posixpath.join(root, f"{PROBE_NAME}-{uuid.uuid4().hex}")
-    fs.pipe_file(path, b"ultramesh checkpoint probe\n")
-    fs.rm(path)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line (botocore's messages run over several); for DCP's
-    CheckpointException, the first failure of each rank rather than its traceback."""
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        return "; ".join(dict.fromkeys(one_line(f[0] if isinstance(f, tuple) else f)
-                                       for _, f in sorted(failures.items())))
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class _HashingStream:

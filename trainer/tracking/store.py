@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainer.config import KEY, ConfigError
 from trainer.tracking.redact import redact_uri
 
 if TYPE_CHECKING:
@@ -48,6 +49,37 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+def check_uri(uri: str, *, reachable: bool) -> None:
+    """A ConfigError naming tracking.uri where MLflow could not use `uri`: a scheme MLflow has
+    no store for (its own registry answers, plugins included), a SQLite file in a directory that
+    does not exist, or, with `reachable` (tracking.fail_on_unreachable), a server that does not
+    answer. A run that only warns about an unreachable server checks that at start instead."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    shown = redact_uri(uri)
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        known = sorted(s for s in _tracking_store_registry._registry if s)
+        raise ConfigError(KEY.tracking.uri, shown,
+                          f"MLflow has no tracking store for this scheme; use one of "
+                          f"{', '.join(f'{s}://' for s in known)} (or null: sqlite:///"
+                          f"{DEFAULT_DB_NAME} here)") from None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(KEY.tracking.uri, shown,
+                              f"the directory {folder} of the SQLite file does not exist")
+    if reachable and uri.startswith(("http://", "https://")):
+        try:
+            _probe_http(uri)
+        except TrackingUnavailable as exc:
+            raise ConfigError(KEY.tracking.uri, shown,
+                              f"the server does not answer ({exc}) and "
+                              f"{KEY.tracking.fail_on_unreachable}=true") from None
+
+
 def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     """A client for `uri` and the id of `experiment` there (created when new)."""
     if uri.startswith(("http://", "https://")):
@@ -57,8 +89,8 @@ def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=uri)
     try:
+        client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return client, found.experiment_id
