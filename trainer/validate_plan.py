@@ -278,7 +278,7 @@ def step_plan(run: RunConfig, plan: MeshPlan) -> MeshPlan:
     activations fake, 0.33 GiB in a real 2-process gloo run of the same module; without FSDP2,
     fake and real agree), so the step is measured without checkpointing and compared with the
     planner's estimate for the same mesh without it. What checkpointing itself saves (each block
-    keeps its input) is checked on real processes by the tests."""
+    keeps its input) is measured on two real processes by tests/test_validate_plan.py."""
     if not (plan.activation_checkpointing and plan.fsdp):
         return plan
     from trainer.plan.planner import RunFacts, evaluate

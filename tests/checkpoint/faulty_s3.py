@@ -1,14 +1,19 @@
-"""An HTTP proxy in front of the S3 server that can stop answering in the middle of a save.
+"""An HTTP proxy in front of the S3 server that can stop answering in the middle of a save, hold
+uploads back, or refuse some.
 
 It forwards every request to the real server until a PUT whose path contains `trigger` has been
 answered; from then on it drops every connection unanswered, as a stopped server would, until
-`up()`. The store behind it keeps its objects, so a later run sees what was committed before.
+`up()`. PUTs whose path contains `hold` wait until `release()` (a store that is slow for as long
+as the test wants); PUTs whose path contains `refuse` are answered 403 AccessDenied, as a bucket
+policy would. The store behind it keeps its objects, so a later run sees what was committed
+before.
 """
 
 from __future__ import annotations
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -17,11 +22,15 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connectio
 
 
 class FaultyS3:
-    def __init__(self, upstream: str, trigger: str):
+    def __init__(self, upstream: str, trigger: str = "(never)", *, hold: str = "(never)",
+                 refuse: str = "(never)", hold_timeout_s: float = 300):
         self.upstream = urlsplit(upstream).netloc
-        self.trigger = trigger
+        self.trigger, self.hold, self.refuse = trigger, hold, refuse
         self.down = False
         self.dropped = 0
+        self.held: list[tuple[str, float]] = []  # (path, when it was let through) of held PUTs
+        self.refused: list[str] = []
+        self._released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,6 +46,19 @@ class FaultyS3:
                     self.close_connection = True
                     self.connection.close()
                     return
+                if self.command == "PUT" and proxy.refuse in self.path:
+                    proxy.refused.append(self.path)
+                    denied = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>AccessDenied"
+                              b"</Code><Message>Access Denied</Message></Error>")
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(denied)))
+                    self.end_headers()
+                    self.wfile.write(denied)
+                    return
+                if self.command == "PUT" and proxy.hold in self.path:
+                    proxy._released.wait(hold_timeout_s)
+                    proxy.held.append((self.path, time.monotonic()))
                 upstream = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in _HOP_BY_HOP}
@@ -81,6 +103,10 @@ class FaultyS3:
 
     def up(self) -> None:
         self.down = False
+
+    def release(self) -> None:
+        """Let the held PUTs (and any later ones) through."""
+        self._released.set()
 
     def close(self) -> None:
         self._server.shutdown()

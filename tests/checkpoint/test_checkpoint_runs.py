@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import fsspec
@@ -187,24 +188,118 @@ def test_s3_stopping_mid_save_is_reported_training_goes_on_and_resume_loads_the_
         faulty.close()
 
 
-def test_a_corrupted_shard_is_reported_and_resume_falls_back(straight, moto_server, workdir):
-    """A copy of the straight run with one byte of step 6's shard changed resumes from step 5,
-    here on one rank (DCP reshards), and writes a sound step 6 again."""
+def test_an_async_save_overlaps_training_and_a_failed_one_is_agreed_by_both_ranks(
+        moto_server, workdir):
+    """Two ranks save asynchronously at steps 3 and 6 through a proxy that holds every upload of
+    step 3 until the trainer has logged step 5: steps 4 and 5 can only complete while step 3's
+    write is in flight (were training waiting for it, the run would never get there). The proxy
+    refuses rank 1's shard of step 6: both ranks must agree that save failed (it is the last, so
+    each exits 1 saying so), and step 3 stays the newest commit."""
+    # a run that waited for the save would hang until the hold times out, then pass it before
+    # step 5: the held uploads would go through before the release
+    proxy = FaultyS3(moto_server.endpoint, hold="step-00000003.ckpt/",
+                     refuse="step-00000006.ckpt/__1_", hold_timeout_s=120)
+    try:
+        url = f"s3://{moto_server.bucket}/overlap"
+        overrides = [*TWO_RANKS, f"checkpoint.dir={url}", "checkpoint.every_n_steps=3",
+                     "checkpoint.async_save=true", "checkpoint.keep_last=10",
+                     f"checkpoint.storage_options.endpoint_url={proxy.endpoint}",
+                     "checkpoint.storage_options.config_kwargs.retries.max_attempts=1"]
+        env = run_env(moto_server)
+        seen: list[str] = []
+        released_at = float("inf")
+        with subprocess.Popen(trainer_cmd(workdir, "overlap", overrides), cwd=workdir, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) as proc:
+            for line in proc.stderr:
+                seen.append(line)
+                if "step 5/6" in line:
+                    released_at = time.monotonic()
+                    proxy.release()
+        log = "".join(seen)
+        assert proc.returncode == 1, log[-4000:]
+        assert proxy.held and all(when >= released_at for _, when in proxy.held)
+        assert any(path.endswith(".distcp") for path, _ in proxy.held)  # the shards, not just
+        assert any(path.endswith("manifest.json") for path, _ in proxy.held)  # the commit
+        order = [n for n, line in enumerate(seen) if LOSS_LINE.search(line) or
+                 "checkpoint step 3:" in line]
+        steps = [LOSS_LINE.search(seen[n]) for n in order]
+        reported = next(i for i, m in enumerate(steps) if m is None)
+        assert [int(m[1]) for m in steps[:reported]][-3:] == [3, 4, 5]  # before step 3 committed
+
+        assert proxy.refused and all("__1_" in path for path in proxy.refused)
+        failed = [line for line in seen if "checkpoint step 6 FAILED" in line]
+        assert len(failed) == 1 and "rank 1: PermissionError" in failed[0], log[-4000:]
+        lost = [line for line in seen if line.startswith("error: the run's last checkpoint "
+                                                         "(step 6, ")]
+        assert len(lost) == 2, log[-4000:]  # each rank, with the same verdict
+        assert all(f"newest committed: {url}/step-00000003.ckpt" in line for line in lost)
+        assert committed_steps(url, env, "-o", f"endpoint_url={moto_server.endpoint}") == {
+            3: "ok"}
+    finally:
+        proxy.close()
+
+
+def damaged_copy(straight, moto_server, name: str, steps: tuple[int, ...]) -> str:
+    """A copy of the straight run's checkpoints (steps 4, 5, 6) with one byte changed in the
+    shard of each of `steps`."""
     fs = fsspec.filesystem("s3", endpoint_url=moto_server.endpoint)
-    source, url = straight["url"], f"s3://{moto_server.bucket}/corrupted"
-    fs.copy(f"{source[5:]}/", f"{url[5:]}/", recursive=True)
-    shard = f"{url[5:]}/step-00000006.ckpt/__0_0.distcp"
-    data = bytearray(fs.cat_file(shard))
-    data[len(data) // 2] ^= 0xFF
-    fs.pipe_file(shard, bytes(data))
-    env = run_env(moto_server)
+    url = f"s3://{moto_server.bucket}/{name}"
+    fs.copy(f"{straight['url'][5:]}/", f"{url[5:]}/", recursive=True)
+    for step in steps:
+        shard = f"{url[5:]}/step-{step:08d}.ckpt/__0_0.distcp"
+        data = bytearray(fs.cat_file(shard))
+        data[len(data) // 2] ^= 0xFF
+        fs.pipe_file(shard, bytes(data))
+    return url
+
+
+def test_corrupted_shards_are_reported_resume_falls_back_and_retention_keeps_them(
+        straight, moto_server, workdir):
+    """Steps 6 and 5 damaged: the run resumes from step 4, here on one rank (DCP reshards), and
+    writes a sound step 6 again; with keep_last=1 retention would delete step 5, but a damaged
+    checkpoint is evidence and stays."""
+    url = damaged_copy(straight, moto_server, "corrupted", (5, 6))
+    env, option = run_env(moto_server), f"endpoint_url={moto_server.endpoint}"
     log = train(workdir, "corrupted", [
-        *ONE_RANK, f"checkpoint.dir={url}", "checkpoint.resume=last", "checkpoint.keep_last=10",
+        *ONE_RANK, f"checkpoint.dir={url}", "checkpoint.resume=last", "checkpoint.keep_last=1",
         f"checkpoint.storage_options.endpoint_url={moto_server.endpoint}"], env)
-    assert "step-00000006.ckpt is damaged: __0_0.distcp does not match its checksum" in log
-    assert "step-00000005.ckpt" in log.split("resumed from")[1].splitlines()[0]
+    for step in (6, 5):
+        assert (f"step-{step:08d}.ckpt is damaged: __0_0.distcp does not match its checksum; "
+                f"resuming from the one before, {url}/step-00000004.ckpt") in log
+    assert "step-00000004.ckpt" in log.split("resumed from")[1].splitlines()[0]
+    assert losses(log)[5] == pytest.approx(straight["losses"][5], abs=2e-4)
     assert losses(log)[6] == pytest.approx(straight["losses"][6], abs=2e-4)
-    assert committed_steps(url, env, "-o", f"endpoint_url={moto_server.endpoint}")[6] == "ok"
+    listed = committed_steps(url, env, "-o", option)
+    assert sorted(listed) == [4, 5, 6] and listed[4] == listed[6] == "ok" and listed[5] != "ok"
+
+
+def test_every_checkpoint_damaged_stops_the_resume_and_fresh_starts_over_keeping_them(
+        straight, moto_server, workdir):
+    url = damaged_copy(straight, moto_server, "all-damaged", (4, 5, 6))
+    env, option = run_env(moto_server), f"endpoint_url={moto_server.endpoint}"
+    overrides = [*ONE_RANK, f"checkpoint.dir={url}", "checkpoint.keep_last=1",
+                 f"checkpoint.storage_options.endpoint_url={moto_server.endpoint}"]
+    proc = subprocess.run(trainer_cmd(workdir, "all-damaged", [*overrides,
+                                                              "checkpoint.resume=last"]),
+                          cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"config error: checkpoint.resume='last': no usable checkpoint under "
+                           f"{url}: every committed one failed verification (")
+    for step in (4, 5, 6):
+        assert f"step-{step:08d}.ckpt: __0_0.distcp does not match its checksum" in line
+    assert "checkpoint.resume=fresh" in line
+    assert "step 1/" not in proc.stdout + proc.stderr
+    assert not (workdir / "all-damaged").exists()  # Hydra's directory went too
+
+    log = train(workdir, "all-damaged", [*overrides, "checkpoint.resume=fresh"], env)
+    assert "resumed from" not in log
+    # from step 1 on, as the straight run (2 ranks of 2 samples: the same global batch)
+    assert losses(log)[1] == pytest.approx(straight["losses"][1], abs=2e-4)
+    listed = committed_steps(url, env, "-o", option)
+    # step 6 was written again; 4 and 5 were there before the fresh start and stay
+    assert sorted(listed) == [4, 5, 6] and listed[6] == "ok" and listed[4] != "ok" != listed[5]
 
 
 def test_a_directory_without_manifest_is_never_loaded(straight, moto_server, workdir):

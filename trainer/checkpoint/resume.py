@@ -17,12 +17,15 @@ Checkpoints found damaged are returned in `Resume.keep`, which retention leaves 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trainer.checkpoint.manifest as mf
 from trainer.config import KEY, ConfigError
 from trainer.urls import check_url, one_line
+
+log = logging.getLogger(__name__)
 
 NO_RESUME = (None, "", "none")
 FRESH = "fresh"
@@ -45,6 +48,9 @@ def choose(found: Sequence[mf.Found], verify: Verify, directory: str) -> Resume:
     for candidate in reversed([f for f in found if f.committed]):
         problems = verify(candidate)
         if not problems:
+            for url, found_wrong in damaged:
+                log.error("checkpoint %s is damaged: %s; resuming from the one before, %s (the "
+                          "damaged one is kept)", url, "; ".join(found_wrong), candidate.url)
             return Resume(candidate.url, keep=tuple(url for url, _ in damaged))
         damaged.append((candidate.url, problems))
     if damaged:
