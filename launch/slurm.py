@@ -11,6 +11,7 @@ from launch.job import Job, render, save
 from trainer.config import KEY, ConfigError, time_limit_seconds
 
 FILE_NAME = "job.sbatch"
+PREEMPT_FILE_NAME = "preempt-requested"  # in the run directory, shared by the nodes
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
          "BOOT_FAIL", "DEADLINE")
 
@@ -39,6 +40,7 @@ def build(job: Job) -> tuple[str, str]:
                   env=dict(job.run.hardware.launch_env), image=c.image,
                   python="python" if c.image else sys.executable, workdir=str(job.workdir),
                   rdzv_port=c.rdzv_port, container_flags=container, script_path=str(path),
+                  preempt_file=str(job.run_dir / PREEMPT_FILE_NAME),
                   trainer_args=job.trainer_args(str(path)))
     return FILE_NAME, text
 

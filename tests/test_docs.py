@@ -2,7 +2,9 @@
 
 - Every shell command in the Quickstart (docs/quickstart.md) and in the README's "Everyday
   commands" block runs here, read from the markdown itself: a command added to either page is run
-  without a change to this file.
+  without a change to this file. A `text` block after a shell block shows what its commands
+  print: every line of it must be a line they printed (`...` stands for what changes from run to
+  run: losses, timings, paths).
 - Every `$ command` example on the Troubleshooting page still exits with status 2 and prints the
   lines the page shows.
 - The configuration reference (docs/reference/configuration.md) is what `python -m
@@ -98,8 +100,21 @@ def env() -> dict[str, str]:
             "PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
+# A command that asks for a run this short keeps its own trainer.max_steps: the page shows what
+# that run prints (the step it checkpoints, for one).
+SHORT_RUN_STEPS = 20
+
+
 def trains(argv: list[str]) -> bool:
     return argv[:3] == ["python", "-m", "trainer"] and not set(argv) & set(PRINT_ONLY)
+
+
+def fast_overrides(argv: list[str]) -> list[str]:
+    """FAST, less its step count where the command asks for a short run itself."""
+    steps = [int(a.split("=", 1)[1]) for a in argv if a.startswith("trainer.max_steps=")]
+    if steps and steps[-1] <= SHORT_RUN_STEPS:
+        return [o for o in FAST if not o.startswith("trainer.max_steps=")]
+    return FAST
 
 
 def runnable(argv: list[str], workdir: Path) -> list[str]:
@@ -114,7 +129,7 @@ def runnable(argv: list[str], workdir: Path) -> list[str]:
         return ["make", "-f", str(ROOT / "Makefile"), "train", f"VENV={venv}",
                 "-o", str(venv / ".installed"), f"ARGS={extra[5:]} {' '.join(FAST)}".strip(),
                 *(a for a in argv[2:] if not a.startswith("ARGS="))]
-    return [*argv, *FAST] if trains(argv) else argv
+    return [*argv, *fast_overrides(argv)] if trains(argv) else argv
 
 
 COMMANDS = documented_commands()
@@ -172,8 +187,10 @@ def test_documented_command_runs(page: str, position: int, argv: list[str],
     assert proc.returncode == 0, f"{page}: `{command}` exited {proc.returncode}:\n{output[-4000:]}"
     assert "Traceback" not in output, f"{page}: `{command}`:\n{output[-4000:]}"
     if trains(argv) or argv[:2] == ["make", "train"]:
-        # It trained its 2 steps and committed the final checkpoint (a sweep: one per job).
-        saved = re.findall(r"checkpoint: (\S+step-00000002\.ckpt)", output)
+        # It trained its steps and committed the final checkpoint (a sweep: one per job).
+        steps = 2 if fast_overrides(argv) is FAST else int(
+            [a for a in argv if a.startswith("trainer.max_steps=")][-1].split("=")[1])
+        saved = re.findall(rf"checkpoint: (\S+step-{steps:08d}\.ckpt)", output)
         assert saved and all(Path(path).is_dir() for path in saved), output[-4000:]
 
 
@@ -190,6 +207,68 @@ def test_the_api_pages_example_trains(tmp_path: Path):
     loss, checkpoint = proc.stdout.splitlines()[-1].split()
     assert 0 < float(loss) < 6  # byte-level text starts near ln 256 = 5.5 nats
     assert Path(checkpoint).exists() and Path(checkpoint).is_relative_to(tmp_path)
+
+
+# ---- What the pages show as output ------------------------------------------------------------
+
+# Output blocks (by their first line) that show another run than the test makes, and why.
+ILLUSTRATIVE = {
+    "$ make train": "the default 200-step run's log: its times, losses and speeds change from run "
+                    "to run, and the test trains 2 steps",
+}
+TIMESTAMP = re.compile(r"^\[\d\d:\d\d:\d\d\] ")
+
+
+def shown_outputs() -> list[tuple[str, list[list[str]], list[str]]]:
+    """(page, the commands of the shell block above it, the lines shown) for each `text` block
+    that follows a shell block on the pages whose commands run."""
+    shown = []
+    for page, heading in COMMAND_SOURCES:
+        text = section((ROOT / page).read_text(), heading)
+        above: list[list[str]] = []
+        for lang, body in re.findall(r"^```(\w*)[^\n]*\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+            if lang in SHELL_FENCES:
+                above = shell_commands(body)
+            elif lang == "text" and above:
+                lines = [line.rstrip() for line in body.splitlines()]
+                shown.append((page, above, [line for line in lines if line.strip()]))
+    return shown
+
+
+SHOWN = shown_outputs()
+
+
+def matches(shown: str, printed: str) -> bool:
+    """`printed` (its time stamp dropped) is the `shown` line, `...` standing for anything."""
+    pattern = ".*".join(re.escape(part) for part in shown.split("..."))
+    return re.fullmatch(pattern, TIMESTAMP.sub("", printed.rstrip())) is not None
+
+
+def test_the_quickstart_shows_output_to_compare():
+    assert len(SHOWN) >= 4
+    assert all(len(lines) >= 1 for _, _, lines in SHOWN)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("page", "commands", "lines"), SHOWN,
+                         ids=[f"{p}: {c[-1][-1] if c[-1] else ''} ({ls[0][:30]})"
+                              for p, c, ls in SHOWN])
+def test_the_output_a_page_shows_is_what_its_commands_print(page, commands, lines, readers):
+    if lines[0] in ILLUSTRATIVE:
+        pytest.skip(ILLUSTRATIVE[lines[0]])
+    positions = [position for p, position, argv in COMMANDS if p == page and argv in commands]
+    assert positions, commands
+    printed = []
+    for position in positions:
+        proc = readers[page].run_through(position)
+        assert proc is not None and proc.returncode == 0, shlex.join(proc.args if proc else [])
+        printed += (proc.stdout + proc.stderr).splitlines()
+    for line in lines:
+        if line.strip() == "..." or line.startswith("$ "):
+            continue
+        assert any(matches(line, p) for p in printed), \
+            f"{page}: the page shows\n{line}\nbut {shlex.join(commands[-1])} printed:\n" + \
+            "\n".join(printed[-30:])
 
 
 # ---- Troubleshooting: each `$ command` prints the lines shown under it -----------------------

@@ -8,6 +8,11 @@ on the flag, the periodic checkpoint callback saves synchronously, rank 0 requeu
 (at most `cluster.max_requeues` times) and the trainer stops. The requeued job resumes from that
 checkpoint (`checkpoint.resume=last`), and the run id inside it continues the same MLflow run.
 
+A warning that comes before the ranks listen (SLURM sends it to the batch shell, which may be
+while the ranks still start up, or before `srun` has started them) would be lost: the batch shell
+also creates the file `$ULTRAMESH_PREEMPT_FILE` names, and rank 0 looks for it at every step
+boundary too. The batch script removes it when an attempt starts.
+
 Restarts by torchrun (`--max-restarts`) need one more thing, `isolate_restart_attempts`.
 """
 
@@ -24,21 +29,27 @@ import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 PREEMPT_SIGNAL = signal.SIGUSR1
+PREEMPT_FILE_ENV = "ULTRAMESH_PREEMPT_FILE"  # set by the SLURM batch script (launch/templates)
 
 
 class Preemption(pl.Callback):
-    def __init__(self, saver: Any, *, max_requeues: int, signum: int = PREEMPT_SIGNAL):
+    def __init__(self, saver: Any, *, max_requeues: int, signum: int = PREEMPT_SIGNAL,
+                 flag_file: str | None = None):
         self.saver = saver  # PeriodicCheckpoint: save(trainer) returns once committed
         self.max_requeues = max_requeues
         self.signum = signum
+        self.flag_file = flag_file if flag_file is not None else os.environ.get(PREEMPT_FILE_ENV)
         self.requested = False
+        self.arrived_after: int | None = None  # the last step boundary before the signal came
         self.stopped = False  # this attempt ended early; the run is not finished
         self.requeued = False
         self._previous: Any = None
         self._step = -1
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True  # nothing else here: see the module docstring
+        if not self.requested:  # nothing else here: see the module docstring
+            self.arrived_after = self._step
+        self.requested = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._previous = signal.signal(self.signum, self._handler)
@@ -59,14 +70,21 @@ class Preemption(pl.Callback):
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.stopped or trainer.global_step == self._step:
             return  # still accumulating gradients: not a step boundary
+        if (not self.requested and trainer.is_global_zero and self.flag_file
+                and os.path.exists(self.flag_file)):
+            self.requested, self.arrived_after = True, self._step
+            log.warning("preemption requested before this attempt listened (%s exists)",
+                        self.flag_file)
         self._step = trainer.global_step
         # The signal may reach ranks a step apart; all of them must save the same step.
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         url = self.saver.save(trainer)
         if trainer.is_global_zero:
-            log.warning("preemption signal: checkpoint step %d committed at %s; stopping",
-                        trainer.global_step, url)
+            arrived = (f" (it came after step {self.arrived_after})"
+                       if self.arrived_after is not None else "")
+            log.warning("preemption signal%s: checkpoint step %d committed at %s; stopping",
+                        arrived, trainer.global_step, url)
             self.requeued = self._requeue()
         self.stopped = True
         trainer.should_stop = True
