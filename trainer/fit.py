@@ -126,6 +126,8 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
             # a preempted run stopped early on purpose: this attempt is KILLED, not FINISHED
             stopped = trainer.interrupted or preemption.stopped
             track.close(tracking.status_for(ended, interrupted=stopped))
+    if trainer.is_global_zero:
+        preemption.requeue()  # last: SLURM ends the job's processes as it requeues
     # Only after a clean finish: a rank that raised may leave others inside a collective, where
     # tearing the group down would hang them. torch asks every process to do this (NCCL's
     # pending work is flushed here); gloo's threads outlive it while the meshes hold their

@@ -4,9 +4,11 @@ SLURM sends `--signal=B:USR1@<seconds>` before the time limit (and schedulers or
 to preempt); the batch script passes it on to every rank. Checkpointing inside the signal handler
 would run collectives from an arbitrary point of the step and can hang or tear a checkpoint
 (Lightning #21406), so the handler only sets a flag. At the next step boundary every rank agrees
-on the flag, the periodic checkpoint callback saves synchronously, rank 0 requeues the SLURM job
-(at most `cluster.max_requeues` times) and the trainer stops. The requeued job resumes from that
-checkpoint (`checkpoint.resume=last`), and the run id inside it continues the same MLflow run.
+on the flag, the periodic checkpoint callback saves synchronously and the trainer stops; once the
+attempt has closed its MLflow run (KILLED: it stopped early), rank 0 requeues the SLURM job (at most
+`cluster.max_requeues` times): `scontrol requeue` ends the job's processes at once, so it comes
+last. The requeued job resumes from that checkpoint (`checkpoint.resume=last`), and the run id
+inside it continues the same MLflow run.
 
 A warning that comes before the ranks listen (SLURM sends it to the batch shell, which may be
 while the ranks still start up, or before `srun` has started them) would be lost: the batch shell
@@ -52,6 +54,7 @@ class Preemption(pl.Callback):
         self.requested = True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step  # a resumed attempt starts at its checkpoint's step
         self._previous = signal.signal(self.signum, self._handler)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -85,13 +88,15 @@ class Preemption(pl.Callback):
                        if self.arrived_after is not None else "")
             log.warning("preemption signal%s: checkpoint step %d committed at %s; stopping",
                         arrived, trainer.global_step, url)
-            self.requeued = self._requeue()
         self.stopped = True
         trainer.should_stop = True
 
-    def _requeue(self) -> bool:
+    def requeue(self) -> bool:
+        """Requeue the SLURM job this attempt stopped for, if it did and the cap allows; call it
+        on rank 0 once everything the attempt reports is sent: SLURM ends the job's processes at
+        once."""
         job = os.environ.get("SLURM_JOB_ID")
-        if not job:
+        if not self.stopped or not job:
             return False
         done = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if done >= self.max_requeues:
@@ -105,6 +110,7 @@ class Preemption(pl.Callback):
             return False
         log.warning("SLURM job %s requeued (requeue %d of at most %d); it resumes from this "
                     "checkpoint", job, done + 1, self.max_requeues)
+        self.requeued = True
         return True
 
 

@@ -81,11 +81,13 @@ def test_a_two_node_job_trains_checkpoints_and_finishes_its_mlflow_run(
     assert "#SBATCH --nodes=2" in text and "#SBATCH --signal=B:USR1@" in text
 
 
-def _wait(what: str, predicate, slurm, timeout: float = JOB_TIMEOUT_S) -> None:
+def _wait(what: str, predicate, slurm, timeout: float = JOB_TIMEOUT_S,
+          log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{slurm.logs()}")
+            job_log = log.read_text()[-4000:] if log is not None and log.exists() else ""
+            pytest.fail(f"timed out waiting for {what}\n{job_log}\n{slurm.logs()}")
         time.sleep(0.5)
 
 
@@ -114,7 +116,9 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_as_the_same_run(
     assert stopped_at < 12
     first_run = run_id(run_dir)
     client = MlflowClient(mlflow_server)
-    assert client.get_run(first_run).info.status == "KILLED"  # the preempted attempt
+    # the preempted attempt closes its run as KILLED; SLURM shows the job PENDING a moment before
+    _wait("the preempted attempt's MLflow status",
+          lambda: client.get_run(first_run).info.status == "KILLED", slurm, timeout=90, log=log)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")  # skip the requeue hold
     _wait("the end", lambda: slurm.state(job) in ("COMPLETED", "FAILED", "GONE"), slurm)
     assert slurm.state(job) == "COMPLETED", log.read_text()[-4000:]
@@ -133,25 +137,31 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_as_the_same_run(
 
 def test_the_time_limit_warns_by_itself_and_max_requeues_stops_the_requeues(
         slurm, mlflow_server, tmp_path):
-    """A 2-minute time limit with a 100 s warning: SLURM itself sends USR1 (nobody else does),
-    each attempt checkpoints and stops; the first requeues, the second does not
+    """A 3-minute time limit with a 150 s warning: SLURM itself sends USR1 (nobody else does;
+    its time-limit check runs every 30 s, so the warning comes 30 to 60 s in, often before the
+    ranks listen), each attempt checkpoints and stops; the first requeues, the second does not
     (cluster.max_requeues=1) and the job ends COMPLETED, not TIMEOUT; the MLflow run (one run for
     both attempts) ends KILLED: it stopped before its last step."""
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "run"
-    submitted = launch(*slurm_args(slurm, run_dir, mlflow_server), "cluster.time_limit=2",
-                       "cluster.preempt_warning_s=100", "cluster.max_requeues=1",
+    submitted = launch(*slurm_args(slurm, run_dir, mlflow_server), "cluster.time_limit=3",
+                       "cluster.preempt_warning_s=150", "cluster.max_requeues=1",
                        "trainer.max_steps=100000", "checkpoint.every_n_steps=0",
                        "trainer.log_every_n_steps=10")
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"submitted SLURM job (\d+)", submitted.stdout).group(1)
     log = run_dir / f"slurm-{job}.out"
-    _wait("the requeue", lambda: slurm.state(job) == "PENDING", slurm, timeout=300)
+    _wait("the requeue", lambda: "Restarts=1 " in slurm.run("scontrol", "show", "job", "-o", job)
+          and slurm.state(job) == "PENDING", slurm, timeout=360, log=log)
     first = committed_step(run_dir)
     assert first is not None, log.read_text()[-3000:]
+    client = MlflowClient(mlflow_server)
+    _wait("the first attempt's MLflow status",
+          lambda: client.get_run(run_id(run_dir)).info.status == "KILLED", slurm, timeout=90,
+          log=log)
     slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-    _wait("the end", lambda: slurm.state(job) in ENDED, slurm, timeout=300)
+    _wait("the end", lambda: slurm.state(job) in ENDED, slurm, timeout=360, log=log)
     text = log.read_text()
     assert slurm.state(job) == "COMPLETED", text[-4000:]
     assert text.count("USR1: checkpoint and requeue") == 2, text[-4000:]
@@ -159,7 +169,7 @@ def test_the_time_limit_warns_by_itself_and_max_requeues_stops_the_requeues(
     assert f"resuming from {run_dir}/checkpoints/step-{first:08d}.ckpt" in text
     assert f"SLURM job {job} was requeued 1 times (cluster.max_requeues=1): not again" in text
     assert committed_step(run_dir) > first
-    run = MlflowClient(mlflow_server).get_run(run_id(run_dir))
+    run = client.get_run(run_id(run_dir))
     assert run.info.status == "KILLED" and run.data.tags["attempt"] == "2"
 
 

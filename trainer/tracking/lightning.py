@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import Logger
 
-from trainer.tracking.status import status_for, status_for_lightning
+from trainer.tracking.status import FAILED, status_for, status_for_lightning
 
 if TYPE_CHECKING:
     from trainer.tracking.run import Tracking
@@ -42,11 +42,11 @@ class TrackingLogger(Logger):
         """Nothing is uploaded: checkpoints are reported by `Tracking.log_checkpoint`."""
 
     def finalize(self, status: str) -> None:
-        """Lightning's end of fit: "success" and "failed" end the run; "finished" (SLURM's requeue
-        signal, training goes on until SIGTERM) only flushes."""
-        ending = status_for_lightning(status)
-        if ending:
-            self._tracking.close(ending)
+        """Lightning's end of fit: "failed" ends the run; otherwise this only flushes, and the
+        trainer closes the run with the status it decides (`trainer.fit`): a fit that returned
+        after a preemption stopped it early ended KILLED, not FINISHED."""
+        if status_for_lightning(status) == FAILED:
+            self._tracking.close(FAILED)
         else:
             self._tracking.flush()
 
