@@ -127,6 +127,14 @@ def start(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
         os.environ["SLURM_CONF"] = str(conf)  # for the launcher's own sbatch/scontrol calls
         yield cluster
     finally:
+        if started and started[0].poll() is None:  # jobs a failed test left: their steps go too
+            jobs = cluster.run("squeue", "-h", "-o", "%i", check=False).split()
+            if jobs:
+                cluster.run("scancel", "--full", *jobs, check=False)
+                deadline = time.monotonic() + 30
+                while cluster.run("squeue", "-h", check=False).strip() and \
+                        time.monotonic() < deadline:
+                    time.sleep(0.5)
         os.environ.pop("SLURM_CONF", None)
         for proc in reversed(started):
             if proc.poll() is None:
