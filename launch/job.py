@@ -19,7 +19,7 @@ import jinja2
 import yaml
 
 from trainer.config import KEY, ConfigError, RunConfig, compose, validate
-from trainer.plan import MeshPlan, plan
+from trainer.plan import ParallelDims, choose
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # launch.* keys steer the launcher; the trainer only needs the one the launcher sets itself.
@@ -30,7 +30,7 @@ _LAUNCHER_ONLY = (KEY.launch.dry_run, KEY.launch.max_restarts, KEY.launch.run_di
 @dataclass
 class Job:
     run: RunConfig
-    plan: MeshPlan
+    dims: ParallelDims
     overrides: list[str]  # as the user gave them
     run_dir: Path
     name: str  # scheduler-safe job name
@@ -67,17 +67,17 @@ def _key(override: str) -> str:
 def prepare(overrides: list[str]) -> Job:
     """Compose, validate and plan as `python -m trainer` does; raise the first config error."""
     run = validate(compose(overrides))
-    mesh_plan = plan(run)
-    if mesh_plan.world_size != run.cluster.nodes * run.ranks_per_node:
+    dims = choose(run).dims
+    if dims.world_size != run.cluster.nodes * run.ranks_per_node:
         raise ConfigError("cluster.nodes", run.cluster.nodes,
                           f"{run.cluster.nodes} node(s) x {run.ranks_per_node} rank(s) per node "
-                          f"does not match the mesh's world size {mesh_plan.world_size}")
+                          f"does not match the mesh's world size {dims.world_size}")
     now = datetime.datetime.now()
     workdir = Path.cwd()
     run_dir = Path(run.launch.run_dir or workdir / "outputs" / "launch"
                    / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")).resolve()
     name = f"{run.model.name}-{run.hardware.name}-{now.strftime('%m%d-%H%M%S')}"
-    return Job(run, mesh_plan, list(overrides), run_dir, _dns_name(name), workdir)
+    return Job(run, dims, list(overrides), run_dir, _dns_name(name), workdir)
 
 
 def _dns_name(text: str) -> str:

@@ -97,6 +97,7 @@ BAD_CONFIGS = [
     (["optim.min_lr_ratio=2"], "optim.min_lr_ratio"),
     (["model.n_kv_heads=3"], "model.n_kv_heads"),
     (["model.dim=250"], "model.dim"),
+    (["model.family=gpt9"], "model.family"),
     (["parallelism.tp=0"], "parallelism.tp"),
     (["parallelism=ddp", "parallelism.dp_shard=-1"], "parallelism.dp_shard"),
     (["parallelism.param_dtype=float16"], "parallelism.param_dtype"),

@@ -84,14 +84,21 @@ class HardwareConfig:
 
 @dataclass
 class ModelConfig:
-    """The reference decoder's shape (presets in `configs/model/`), or a user's LightningModule.
+    """The model: a family's shape (presets in `configs/model/`), or a user's LightningModule.
 
-    `_target_` names the LightningModule class. The default builds the reference decoder from the
-    shape keys; any other class is instantiated with `kwargs` and nothing else.
+    `family` picks the model family (`trainer/models/registry.py`), which reads the shape keys it
+    knows and checks them. `_target_` names the LightningModule class: the default builds the
+    family's model from the shape; any other class is instantiated with `kwargs` and nothing else.
     """
 
     _target_: str = "trainer.module.LanguageModel"  # dotted path of the LightningModule class
+    family: str = "llama"  # the model family: llama
     name: str = "tiny"  # the preset; part of the default MLflow run name
+    # Hugging Face checkpoint to start from: a directory or fsspec URL (s3://...) holding
+    # config.json and *.safetensors; its config must match the shape keys. null: random init.
+    init_from: Optional[str] = None
+    # fsspec options of `init_from`, e.g. endpoint_url for an S3-compatible store
+    storage_options: dict[str, Any] = field(default_factory=dict)
     dim: int = 256  # width of the residual stream (hidden size)
     n_layers: int = 4  # transformer blocks
     n_heads: int = 8  # attention (query) heads; dim / n_heads is the head size
@@ -102,7 +109,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
     norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = False  # the output head shares the token embedding's weights
-    # keyword arguments for a user's `_target_` class (the reference decoder ignores them)
+    # keyword arguments for a user's `_target_` class (a family's model ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +126,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
     # fsspec options for `path`, e.g. endpoint_url for an S3-compatible store
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+# The mesh's dims, outermost first: ranks are laid out row-major over them, so tp varies fastest.
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -303,7 +314,8 @@ class RunConfig:
         return self.cluster.nodes * self.ranks_per_node
 
     @property
-    def uses_reference_model(self) -> bool:
+    def uses_family_model(self) -> bool:
+        """The model is the family's (the default `_target_`), not a user's own module."""
         return self.model._target_ == ModelConfig._target_
 
 
@@ -331,7 +343,7 @@ KEY = _keys(RunConfig)
 
 
 # Free-form option dicts: `group.storage_options.endpoint_url=...` adds a key without a `+`.
-OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options")
+OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options", "model.storage_options")
 
 
 def register_schema() -> None:
@@ -442,20 +454,10 @@ def _check_hardware(run: RunConfig) -> None:
 
 
 def _check_model(run: RunConfig) -> None:
-    if not run.uses_reference_model:
+    """A user's module must be importable; a family checks its own shape keys when the planner
+    asks it (`trainer.models.registry.model_costs`), so this module needs no family."""
+    if not run.uses_family_model:
         _check_user_module(run.model._target_)
-        return
-    m = run.model
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.n_heads:
-        raise ConfigError("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError("model.dim", m.dim,
-                          "dim / n_heads must be even (rotary embeddings rotate pairs)")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError("model.n_kv_heads", m.n_kv_heads,
-                          f"must divide model.n_heads={m.n_heads}")
 
 
 def _check_user_module(target: str) -> None:
@@ -475,12 +477,11 @@ def _check_data(run: RunConfig) -> None:
     _positive("data.micro_batch_size", d.micro_batch_size)
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", d.num_workers, "must be 0 or more")
-    if run.uses_reference_model and d.seq_len > run.model.max_seq_len:
+    if run.uses_family_model and d.seq_len > run.model.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len,
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
 
 
-MESH_DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "tp")
 FSDP_DTYPES = ("float32", "bfloat16")
 
 
@@ -489,7 +490,7 @@ def _check_parallelism(run: RunConfig) -> None:
     shape against the world size, the model and the hardware is the planner's to check."""
     p = run.parallelism
     filled = []
-    for name in MESH_DIM_KEYS:
+    for name in MESH_DIMS:
         size = getattr(p, name)
         if size is None:
             continue
@@ -500,8 +501,6 @@ def _check_parallelism(run: RunConfig) -> None:
     if len(filled) > 1:
         raise ConfigError(f"parallelism.{filled[1]}", -1,
                           f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    if p.cp not in (None, 1, -1):
-        raise ConfigError("parallelism.cp", p.cp, "context parallel is not implemented yet; use 1")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:

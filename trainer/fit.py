@@ -25,7 +25,7 @@ from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
 from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
-from trainer.plan import MeshPlan
+from trainer.plan import ParallelDims
 from trainer.preemption import Preemption, isolate_restart_attempts
 from trainer.preflight import check_startable
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    plan: MeshPlan
+    dims: ParallelDims
     checkpoint: str | None
     metrics: dict[str, float]
     run_id: str | None
@@ -44,13 +44,13 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         sweep: tracking.SweepInfo | None = None,
         callbacks: Sequence[pl.Callback] = ()) -> FitResult:
     """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
-    mesh_plan = check_startable(run)  # again: callers may come in without preflight
+    dims = check_startable(run)  # again: callers may come in without preflight
     _quiet_lightning()
     _same_threads_on_every_rank(run)
     isolate_restart_attempts()
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
-    module = build_module(run, mesh_plan)
+    module = build_module(run, dims)
     data = TokenDataModule(run.data, seed=run.seed)
     # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
     # fails its checksum) stop the run here with one line, before any process group exists.
@@ -63,14 +63,14 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
         sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
     track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
-                           mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
+                           mesh_shape=dict(zip(dims.dim_names, dims.shape, strict=True)),
                            rank=_global_rank(run), sweep=sweep,
                            launch_artifact=_launch_artifact(run))
-    monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
+    monitor = StepMonitor(_throughput(run, dims, hardware, module),
                           every_n=run.trainer.log_every_n_steps)
     checkpoints = checkpoint.CheckpointIO(
         run.checkpoint.storage_options, io_threads=run.checkpoint.io_threads,
-        mesh=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
+        mesh=dict(zip(dims.dim_names, dims.shape, strict=True)),
         config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run))
     checkpoints.fallback = run.checkpoint.resume == "last"
     saver = checkpoint.PeriodicCheckpoint(
@@ -92,10 +92,10 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
-        strategy=checkpoint.attach(build_strategy(run, mesh_plan), checkpoints),
+        strategy=checkpoint.attach(build_strategy(run, dims), checkpoints),
         plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
-        accumulate_grad_batches=mesh_plan.accumulation,
+        accumulate_grad_batches=dims.accumulation,
         logger=tracking.TrackingLogger(track) if track else False,
         callbacks=every,
         default_root_dir=run_dir,
@@ -132,7 +132,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     # backends, which `trainer.train` deals with at exit.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
+    result = FitResult(dims, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
     if trainer.is_global_zero:
         _report(result, track)
@@ -145,15 +145,15 @@ def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
     return (path.name, path.read_text()) if path and path.is_file() else None
 
 
-def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
+def build_strategy(run: RunConfig, dims: ParallelDims) -> Any:
     hardware = run.hardware
-    if mesh_plan.world_size == 1:
+    if dims.world_size == 1:
         return checkpoint.single_process(hardware.device_type)
-    if mesh_plan.replicas_only:
+    if dims.replicas_only:
         return checkpoint.data_parallel(hardware.backend)
     from trainer.mesh import MeshStrategy
 
-    return MeshStrategy(mesh_plan, HardwareSpec(hardware),
+    return MeshStrategy(dims, HardwareSpec(hardware),
                         storage_options=run.checkpoint.storage_options)
 
 
@@ -165,14 +165,14 @@ def _accelerator(run: RunConfig) -> Any:
     return run.hardware.device_type
 
 
-def _throughput(run: RunConfig, mesh_plan: MeshPlan, hardware: HardwareSpec,
+def _throughput(run: RunConfig, dims: ParallelDims, hardware: HardwareSpec,
                 module: pl.LightningModule) -> Throughput:
     flops = getattr(module, "flops_per_token", None)
     return Throughput(
-        tokens_per_step=mesh_plan.tokens_per_step,
+        tokens_per_step=dims.tokens_per_step,
         flops_per_token=flops(run.data.seq_len) if callable(flops) else None,
         peak_flops_per_chip=hardware.peak_flops_per_rank() * run.hardware.ranks_per_chip,
-        chips=mesh_plan.world_size / run.hardware.ranks_per_chip,
+        chips=dims.world_size / run.hardware.ranks_per_chip,
     )
 
 
@@ -213,8 +213,8 @@ def _global_rank(run: RunConfig) -> int:
 def _report(result: FitResult, track: tracking.Tracking | None) -> None:
     if result.metrics:
         log.info("final loss %.4f after %d rank(s), mesh %s",
-                 result.metrics.get("train/loss", float("nan")), result.plan.world_size,
-                 result.plan.describe())
+                 result.metrics.get("train/loss", float("nan")), result.dims.world_size,
+                 result.dims.describe())
     if result.checkpoint:
         log.info("checkpoint: %s", result.checkpoint)
     if track is not None:

@@ -11,20 +11,20 @@ import torch
 
 from trainer.config import KEY, ConfigError, RunConfig
 from trainer.data import dataset_vocab_size
-from trainer.plan import MeshPlan, plan
+from trainer.plan import ParallelDims, choose
 
 
-def check_startable(run: RunConfig) -> MeshPlan:
+def check_startable(run: RunConfig) -> ParallelDims:
     """Everything that can refuse a validated run before any process, directory or MLflow run
     exists: the mesh, the node count, this machine's devices, the dataset's index. Returns the
-    plan. `python -m trainer` calls it for every job of its command line before Hydra starts;
+    mesh's dims. `python -m trainer` calls it for every job of its command line before Hydra starts;
     `fit` calls it again for callers that come in without that preflight."""
-    mesh_plan = plan(run)
+    dims = choose(run).dims
     in_cluster = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
     check_launchable(run, in_cluster=in_cluster)
     check_drivable(run, **_devices_here(run))
     check_dataset(run, vocab_size=dataset_vocab_size(run.data))
-    return mesh_plan
+    return dims
 
 
 def _devices_here(run: RunConfig) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def check_drivable(run: RunConfig, *, cuda_devices: int, neuron_missing: str | N
 
 def check_dataset(run: RunConfig, *, vocab_size: int) -> None:
     """The dataset's token ids (up to `vocab_size` - 1) must all have an embedding."""
-    if run.uses_reference_model and vocab_size > run.model.vocab_size:
+    if run.uses_family_model and vocab_size > run.model.vocab_size:
         raise ConfigError(KEY.model.vocab_size, run.model.vocab_size,
                           f"the dataset {run.data.path or 'stdlib'} has token ids up to "
                           f"{vocab_size - 1}; use a vocabulary of at least {vocab_size}")

@@ -104,7 +104,7 @@ def config_hash(run: RunConfig) -> str:
 
 def model_shape(run: RunConfig) -> dict[str, Any] | None:
     """The reference decoder's shape, kept in each manifest so `export` needs no config."""
-    if not run.uses_reference_model:
+    if not run.uses_family_model:
         return None
     shape = dataclasses.asdict(run.model)
     shape.pop("kwargs", None)
