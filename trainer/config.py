@@ -458,6 +458,10 @@ def _check_model(run: RunConfig) -> None:
     asks it (`trainer.models.registry.model_costs`), so this module needs no family."""
     if not run.uses_family_model:
         _check_user_module(run.model._target_)
+        if run.model.init_from:
+            raise ConfigError("model.init_from", run.model.init_from,
+                              f"loads a model family's weights; model._target_="
+                              f"{run.model._target_} is a module of your own, which loads its own")
 
 
 def _check_user_module(target: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,8 @@ from trainer.models.parallel import compile_backend
 from trainer.models.registry import family_of, shape_of
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.plan import ParallelDims
+
+log = logging.getLogger(__name__)
 
 
 class LanguageModel(pl.LightningModule):
@@ -28,6 +31,7 @@ class LanguageModel(pl.LightningModule):
         self.family = family_of(run.model)
         self.args = shape_of(run.model)
         self.model: torch.nn.Module | None = None
+        self.pretrained: dict[str, float] | None = None  # what loading `model.init_from` took
         # Read by the step monitor: kept on the device so logging never forces a sync per step.
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -53,11 +57,31 @@ class LanguageModel(pl.LightningModule):
         model.to_empty(device=device)
         self.family.init_weights(model, self.run.seed, device)
         if self.run.model.init_from:
-            from trainer.models.hf import load_pretrained
-
-            load_pretrained(model, self.family, self.args, self.run.model.init_from,
-                            self.run.model.storage_options)
+            self.pretrained = self._load_pretrained(model)
         self.model = model
+
+    def _load_pretrained(self, model: torch.nn.Module) -> dict[str, float]:
+        """Fill this rank's shards from `model.init_from`; what it read and the memory it took
+        beyond the shards, logged by rank 0 and kept for whoever asks."""
+        import time
+
+        from trainer.models.hf import load_pretrained
+        from trainer.monitor import PeakMemory
+
+        start = time.perf_counter()
+        with PeakMemory() as peak:
+            report = load_pretrained(model, self.family, self.args, self.run.model.init_from,
+                                     self.run.model.storage_options)
+        figures = {"tensors": report.tensors, "read_bytes": report.bytes_read,
+                   "shard_bytes": report.local_bytes, "seconds": time.perf_counter() - start,
+                   "peak_beyond_bytes": peak.beyond if peak.beyond is not None else -1}
+        if self.global_rank == 0:
+            log.info("loaded %d tensors from %s in %.1f s: this rank read %.1f MiB for "
+                     "%.1f MiB of shards, %s", report.tensors, self.run.model.init_from,
+                     figures["seconds"], report.bytes_read / 2**20, report.local_bytes / 2**20,
+                     f"peak memory +{peak.beyond / 2**20:.1f} MiB while loading"
+                     if peak.beyond is not None else "peak memory not measured here")
+        return figures
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

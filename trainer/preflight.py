@@ -24,6 +24,7 @@ def check_startable(run: RunConfig) -> ParallelDims:
     check_launchable(run, in_cluster=in_cluster)
     check_drivable(run, **_devices_here(run))
     check_dataset(run, vocab_size=dataset_vocab_size(run.data))
+    check_pretrained_weights(run)
     return dims
 
 
@@ -74,6 +75,17 @@ def check_drivable(run: RunConfig, *, cuda_devices: int, neuron_missing: str | N
         raise ConfigError(KEY.trainer.devices, run.ranks_per_node,
                           f"this machine has {cuda_devices} CUDA GPU(s); set trainer.devices to "
                           f"at most {cuda_devices}")
+
+
+def check_pretrained_weights(run: RunConfig) -> None:
+    """`model.init_from`'s config and tensors must fit the model (read: config.json and the
+    safetensors headers, no weights)."""
+    if run.model.init_from and run.uses_family_model:
+        from trainer.models.hf import check_pretrained
+        from trainer.models.registry import family_of, shape_of
+
+        check_pretrained(family_of(run.model), shape_of(run.model), run.model.init_from,
+                         run.model.storage_options)
 
 
 def check_dataset(run: RunConfig, *, vocab_size: int) -> None:

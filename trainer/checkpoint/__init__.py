@@ -28,6 +28,7 @@ from trainer.checkpoint.manifest import (
 from trainer.checkpoint.storage import one_line, probe
 from trainer.checkpoint.strategies import attach, checkpoint_io_of, data_parallel, single_process
 from trainer.config import CheckpointConfig, ConfigError, RunConfig
+from trainer.models.registry import family_of
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +97,18 @@ def config_hash(run: RunConfig) -> str:
     data = dataclasses.asdict(run.data)
     for per_rank in ("storage_options", "micro_batch_size", "num_workers"):  # change with a mesh
         data.pop(per_rank, None)
-    what: dict[str, Any] = {"model": dataclasses.asdict(run.model),
+    model = dataclasses.asdict(run.model)
+    model.pop("storage_options", None)  # where weights come from, not what they are
+    what: dict[str, Any] = {"model": model,
                             "optim": dataclasses.asdict(run.optim), "data": data,
                             "seed": run.seed}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_shape(run: RunConfig) -> dict[str, Any] | None:
-    """The reference decoder's shape, kept in each manifest so `export` needs no config."""
+    """The model's family and shape keys, kept in each manifest so `export` needs no config
+    (None for a user's own module)."""
     if not run.uses_family_model:
         return None
-    shape = dataclasses.asdict(run.model)
-    shape.pop("kwargs", None)
-    return shape
+    fam = family_of(run.model)
+    return {"family": fam.name, **{key: getattr(run.model, key) for key in fam.shape_keys()}}
