@@ -2,8 +2,9 @@
 async saves committed by a manifest with checksums, retention, resume on any mesh, export.
 
 Public: `CheckpointIO`, `PeriodicCheckpoint` (its `save(trainer)` returns once committed),
-`checkpoint_dir`, `resume_path`, `check_destination`, `config_hash`, `attach`, and the command
-line `python -m trainer.checkpoint list|export`.
+`Retention`, the strategies that save through them (`SingleProcess`, `DataParallel`; the mesh's is
+`trainer.mesh.MeshStrategy`), `checkpoint_dir`, `resume_path`, `check_destination`,
+`config_hash`, `model_shape`, and the command line `python -m trainer.checkpoint list|export`.
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from trainer.checkpoint.manifest import (
     scan,
     step_name,
 )
+from trainer.checkpoint.retention import Retention
 from trainer.checkpoint.storage import one_line, probe
-from trainer.checkpoint.strategies import attach, checkpoint_io_of, data_parallel, single_process
+from trainer.checkpoint.strategies import DataParallel, SavesThroughDcp, SingleProcess
 from trainer.config import CheckpointConfig, ConfigError, RunConfig
 from trainer.models.registry import family_of
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MANIFEST", "CheckpointFailed", "CheckpointIO", "Manifest", "PeriodicCheckpoint",
-    "SaveResult", "attach", "check_destination", "checkpoint_dir", "checkpoint_io_of",
-    "config_hash", "data_parallel", "latest_checkpoint", "read_manifest", "resume_path", "scan",
-    "single_process", "step_name", "trainer_state",
+    "MANIFEST", "CheckpointFailed", "CheckpointIO", "DataParallel", "Manifest",
+    "PeriodicCheckpoint", "Retention", "SaveResult", "SavesThroughDcp", "SingleProcess",
+    "check_destination", "checkpoint_dir", "config_hash", "latest_checkpoint", "model_shape",
+    "read_manifest", "resume_path", "scan", "step_name", "trainer_state",
 ]
 
 

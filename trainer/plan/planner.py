@@ -371,7 +371,8 @@ def evaluate(facts: RunFacts, shape: tuple[int, ...], activation_checkpointing: 
     dims = facts.dims(shape, activation_checkpointing)
     links = dim_links(facts.topology, dims.shape)
     times = step_time(facts, dims, links)
-    tokens_per_s = dims.tokens_per_step / times["step"]
+    # a model of no known size (a user's module the meta device cannot build) has no step time
+    tokens_per_s = dims.tokens_per_step / times["step"] if times["step"] else math.nan
     model_flops = facts.costs.flops_per_token(facts.run.data.seq_len) * tokens_per_s
     memory = memory_breakdown(facts, dims)
     rejection = (structural_rejection(facts, dims, links)
