@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -362,7 +362,42 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    for key, (group, option) in mandatory_keys(choices).items():
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(key, "???", f"{group}={option} needs it: give {key}=...")
+    return cfg
+
+
+def mandatory_keys(choices: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """{key: (group, option)} for each value a chosen option marks `???` (Hydra's mandatory
+    value). OmegaConf keeps a default when `???` is merged over it, so a recipe's `???` would
+    otherwise become the schema's null without a word."""
+    found: dict[str, tuple[str, str]] = {}
+    for group, option in choices.items():
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if option is None or group.startswith("hydra") or not path.is_file():
+            continue
+        text = path.read_text()
+        prefix = "" if "@package _global_" in text.split("\n", 1)[0] else f"{group}."
+        for key in _missing_leaves(OmegaConf.create(text)):
+            found[prefix + key] = (group, option)
+    return found
+
+
+def _missing_leaves(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        if key == "defaults":
+            continue
+        if OmegaConf.is_missing(node, key):
+            keys.append(f"{prefix}{key}")
+        elif isinstance(node[key], DictConfig):
+            keys += _missing_leaves(node[key], f"{prefix}{key}.")
+    return keys
 
 
 def load(overrides: Sequence[str] = ()) -> RunConfig:
