@@ -42,11 +42,11 @@ class FitResult:
 
 @dataclass
 class Checkpointing:
-    """How a run saves and resumes: the IO its strategy saves through, the saver in the loop, and
-    the checkpoint to resume from (None: start fresh)."""
+    """Where a run saves and what it resumes: the IO its strategy saves through, the directory,
+    and the checkpoint to resume from (None: start fresh)."""
 
     io: checkpoint.CheckpointIO
-    saver: checkpoint.PeriodicCheckpoint
+    directory: str
     resume_from: str | None
 
 
@@ -60,13 +60,14 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     data = open_data(run)
     checkpoints = build_checkpointing(run, dims, run_dir)
     track = start_tracking(run, dims, run_dir, resolved, overrides, sweep)
+    saver = build_saver(run, checkpoints, track)
     monitor = StepMonitor(_throughput(run, dims, module), every_n=run.trainer.log_every_n_steps)
-    preemption = Preemption(checkpoints.saver, max_requeues=run.cluster.max_requeues)
+    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
     trainer = build_trainer(run, dims, checkpoints.io, run_dir, track,
-                            [monitor, checkpoints.saver, preemption,
-                             *display_callbacks(run, monitor, track), *callbacks])
+                            [monitor, saver, preemption, *display_callbacks(run, monitor, track),
+                             *callbacks])
     train(trainer, module, data, checkpoints.resume_from, track, preemption)
-    result = FitResult(dims, checkpoints.saver.last_saved, dict(monitor.latest),
+    result = FitResult(dims, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
     if trainer.is_global_zero:
         _report(result, track)
@@ -91,8 +92,8 @@ def open_data(run: RunConfig) -> TokenDataModule:
 
 
 def build_checkpointing(run: RunConfig, dims: ParallelDims, run_dir: Path) -> Checkpointing:
-    """The run's checkpoint IO and saver, after checking the destination can be written and the
-    resume URL is a committed checkpoint (one line, before any step or MLflow run exists)."""
+    """The run's checkpoint IO, after checking the destination can be written and the resume URL
+    is a committed checkpoint (one line, before any step or MLflow run exists)."""
     cfg = run.checkpoint
     checkpoint.check_destination(cfg, run_dir)
     resume_from = checkpoint.resume_path(cfg, run_dir)
@@ -102,9 +103,17 @@ def build_checkpointing(run: RunConfig, dims: ParallelDims, run_dir: Path) -> Ch
         config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run),
         fallback=cfg.resume == "last",
         retention=checkpoint.Retention(directory, cfg.keep_last, cfg.keep_every))
-    saver = checkpoint.PeriodicCheckpoint(io, directory, every_n_steps=cfg.every_n_steps,
-                                          async_save=cfg.async_save)
-    return Checkpointing(io, saver, resume_from)
+    return Checkpointing(io, directory, resume_from)
+
+
+def build_saver(run: RunConfig, checkpoints: Checkpointing,
+                track: tracking.Tracking | None) -> checkpoint.PeriodicCheckpoint:
+    """The saver in the training loop, reporting each commit or failure to MLflow."""
+    return checkpoint.PeriodicCheckpoint(
+        checkpoints.io, checkpoints.directory, every_n_steps=run.checkpoint.every_n_steps,
+        async_save=run.checkpoint.async_save,
+        on_saved=track.log_checkpoint if track else None,
+        on_failed=track.log_checkpoint_failure if track else None)
 
 
 def start_tracking(run: RunConfig, dims: ParallelDims, run_dir: Path, resolved: dict[str, Any],
