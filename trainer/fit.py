@@ -147,6 +147,10 @@ def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
 
 def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
     hardware = run.hardware
+    if run.uses_xla:
+        from trainer.xla.strategy import build_strategy as xla_strategy
+
+        return xla_strategy(run, mesh_plan)
     if mesh_plan.world_size == 1:
         return checkpoint.single_process(hardware.device_type)
     if mesh_plan.replicas_only:
@@ -158,6 +162,10 @@ def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
 
 
 def _accelerator(run: RunConfig) -> Any:
+    if run.uses_xla:
+        from trainer.xla.strategy import XlaAccelerator
+
+        return XlaAccelerator()
     if run.hardware.device_type == "neuron":
         from trainer.mesh import neuron_accelerator
 
