@@ -297,7 +297,7 @@ class StrategyConfig:
     # NEURON_RT_STOCHASTIC_ROUNDING_EN under trainer.precision=bf16-true (bf16 weights)
     stochastic_rounding: bool = True
     # the SLURM and EKS launchers run `neuron_parallel_compile` for this many steps before
-    # training, filling the compile cache (0: no compile pass; graphs compile as training meets them)
+    # training, filling the compile cache (0: none; graphs compile as training meets them)
     parallel_compile_steps: int = 0
 
 

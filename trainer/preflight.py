@@ -81,6 +81,9 @@ def _xla_missing(run: RunConfig) -> str | None:
         return None
     if importlib.util.find_spec("torch_xla") is None:
         return XLA_INSTALL_HINT.format(torch=torch.__version__)
+    if run.hardware.device_type == "neuron" and importlib.util.find_spec("torch_neuronx") is None:
+        return ("torch-neuronx is not installed: PJRT's NEURON device comes with it, from AWS's "
+                "package index (Neuron SDK <= 2.29; docs/hardware/trainium-xla.md)")
     return None
 
 

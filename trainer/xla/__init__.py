@@ -58,10 +58,12 @@ def compile_pass_overrides(run: RunConfig, run_dir: str) -> list[str]:
     """Overrides that turn a training command into Neuron's ahead-of-time compile pass: under
     `neuron_parallel_compile` the ranks trace `strategy.parallel_compile_steps` steps whose
     results are placeholders, so nothing they write may look like training: no MLflow run, no
-    checkpoint where the real run resumes from, its own output directory."""
+    checkpoint where the real run resumes from (a local one, under its own output directory,
+    which the launchers delete)."""
     scratch = f"{run_dir}/{COMPILE_PASS_DIR}"
     return [f"{KEY.trainer.max_steps}={run.strategy.parallel_compile_steps}",
-            f"{KEY.tracking.backend}=none", f"{KEY.checkpoint.dir}={scratch}/checkpoints",
+            f"{KEY.tracking.backend}=none", f"{KEY.checkpoint}=local",
+            f"{KEY.checkpoint.dir}={scratch}/checkpoints",
             f"{KEY.checkpoint.resume}=null", f"{KEY.optim.warmup_steps}=null",
             f"hydra.run.dir={scratch}"]
 
