@@ -31,11 +31,6 @@ SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_head
          "trainer.log_every_n_steps=1", "trainer.progress_bar=false", "optim.warmup_steps=2",
          "checkpoint.every_n_steps=4", "checkpoint.async_save=false"]
 STEPS = 8
-# An AdamW step at this rate moves no fp32 weight (the update is far below half an ulp), so a
-# resumed run that trains one step saves exactly the weights it loaded.
-FROZEN = ["optim.lr=1e-30", "checkpoint.every_n_steps=0", "trainer.max_steps=5"]
-
-
 @dataclass
 class Run:
     cwd: Path
@@ -93,19 +88,28 @@ def test_a_run_on_xla_trains_and_matches_the_cpu_path_step_for_step(runs):
 
 
 @pytest.mark.parametrize(("saved_on", "loaded_on"), [("xla", "cpu"), ("cpu", "xla")])
-def test_a_checkpoint_loads_on_the_other_path_with_equal_weights(runs, tmp_path: Path,
-                                                                 saved_on: str, loaded_on: str):
+def test_a_checkpoint_resumes_on_the_other_path_and_the_run_goes_on_as_before(
+        runs, tmp_path: Path, saved_on: str, loaded_on: str):
+    """Saved at step 4 on one path, resumed on the other to step 8: the weights, optimizer state
+    and data position it loaded make steps 5-8 what the saving run made them. (A resumed run
+    saves only after a step, so the loaded weights are compared after four: XLA's and ATen's
+    kernels differ by about 1e-6 relative there; a weight or AdamW moment lost in the load moves
+    an update by its own size, 1e-2 to 1e-1 of the weights.)"""
     source = runs[saved_on]
     python = {"xla": sys.executable, "cpu": CPU_PYTHON}[loaded_on]
     extra = ["strategy=xla"] if loaded_on == "xla" else []
-    resumed = trainer(python, tmp_path, *extra, *FROZEN,
+    resumed = trainer(python, tmp_path, *extra, f"trainer.max_steps={STEPS}",
                       f"checkpoint.resume={source.checkpoint(4)}")
-    loaded, saved = weights(resumed.checkpoint(5)), weights(source.checkpoint(4))
-    assert loaded.keys() == saved.keys() and len(saved) > 10
-    for key, tensor in saved.items():
-        assert loaded[key].dtype == tensor.dtype and loaded[key].equal(tensor), key
-    # the data position came along: step 5 saw the batch the source run saw at step 5
-    assert resumed.losses()[5] == pytest.approx(source.losses()[5], rel=1e-3)
+    assert f"resumed from {source.checkpoint(4)} (step 4)" in resumed.log
+    ours, theirs = weights(resumed.checkpoint(STEPS)), weights(source.checkpoint(STEPS))
+    assert ours.keys() == theirs.keys() and len(theirs) > 10
+    for key, expected in theirs.items():
+        assert ours[key].dtype == expected.dtype and ours[key].shape == expected.shape, key
+        assert (ours[key] - expected).norm() <= 1e-4 * expected.norm(), key
+    losses, before = resumed.losses(), source.losses()
+    assert sorted(losses) == list(range(5, STEPS + 1))  # it went on from step 5, in one run
+    for step, loss in losses.items():
+        assert loss == pytest.approx(before[step], rel=1e-3), step
 
 
 def test_two_xla_processes_on_cpu_are_refused_in_one_line(tmp_path: Path):

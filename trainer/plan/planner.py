@@ -27,8 +27,9 @@ from dataclasses import dataclass, replace
 from trainer.config import KEY, ConfigError, RunConfig
 from trainer.hardware import GIB, HardwareSpec, Link
 from trainer.models.shape import ModelArgs, flops_per_token
-from trainer.plan import xla
 from trainer.plan.mesh_plan import MESH_DIMS, MeshPlan, Rejection
+from trainer.plan.xla import rejection as xla_rejection
+from trainer.plan.xla import step_time as xla_step_time
 
 # Dtype widths in bytes. Mixed precision computes in 16 bits; "32-true" computes in fp32, which
 # the hardware spec counts against its bf16 peak.
@@ -379,7 +380,7 @@ def structural_rejection(facts: RunFacts, plan: MeshPlan) -> Rejection | None:
     if plan.cp != 1:
         return Rejection(KEY.parallelism.cp, plan.cp,
                          "context parallel is not implemented yet; use 1")
-    if run.uses_xla and (refused := xla.rejection(run, plan)):
+    if run.uses_xla and (refused := xla_rejection(run, plan)):
         return refused
     for key in ("n_heads", "n_kv_heads"):
         heads = getattr(args, key)
@@ -440,7 +441,7 @@ def evaluate(facts: RunFacts, dims: tuple[int, int, int, int],
     bare = facts.bare_plan(dims, activation_checkpointing)
     times = step_time(facts, bare)
     if facts.run.uses_xla:
-        times = xla.step_time(times)
+        times = xla_step_time(times)
     tokens_per_s = bare.tokens_per_step / times["step"]
     model_flops = flops_per_token(facts.args, facts.run.data.seq_len) * tokens_per_s
     estimated = replace(bare, memory_breakdown=memory_breakdown(facts, bare),
