@@ -286,6 +286,32 @@ class PlanConfig:
     memory_headroom: float = 0.9  # plans may use this fraction of a rank's memory
 
 
+# The XLA path (trainer/xla/): torch-neuronx's PyTorch/XLA for Trn1 and Neuron SDKs up to 2.29,
+# and XLA's CPU device for tests. `auto` takes it where hardware.backend is xla.
+STRATEGIES = ("auto", "xla")
+XLA_PRECISIONS = ("32-true", "bf16-true")  # XLA casts the weights; no autocast on this path
+
+
+@dataclass
+class StrategyConfig:
+    """How the ranks train (`configs/strategy/`; docs/hardware/trainium-xla.md). `auto`: the
+    hardware's own path, a device mesh (cpu, cuda, TorchNeuron), or PyTorch/XLA where
+    hardware.backend is xla (trn1). `xla`: PyTorch/XLA on the hardware's PJRT device (NEURON on
+    Trainium, CPU on cpu). The other keys apply to the XLA path only."""
+
+    name: str = "auto"  # auto | xla
+    # NEURON_CC_FLAGS: neuronx-cc options (AWS's Trn1 training recipes pass this model type)
+    neuron_cc_flags: str = "--model-type=transformer"
+    # NEURON_COMPILE_CACHE_URL: compiled graphs shared by every node and run (path or s3:// URL);
+    # null: the Neuron default, /var/tmp/neuron-compile-cache on each node
+    compile_cache: Optional[str] = None
+    # NEURON_RT_STOCHASTIC_ROUNDING_EN under trainer.precision=bf16-true (bf16 weights)
+    stochastic_rounding: bool = True
+    # the SLURM and EKS launchers run `neuron_parallel_compile` for this many steps before
+    # training, filling the compile cache (0: none; graphs compile as training meets them)
+    parallel_compile_steps: int = 0
+
+
 @dataclass
 class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -299,6 +325,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
@@ -317,6 +344,12 @@ class RunConfig:
     def uses_family_model(self) -> bool:
         """The model is the family's (the default `_target_`), not a user's own module."""
         return self.model._target_ == ModelConfig._target_
+
+    @property
+    def uses_xla(self) -> bool:
+        """PyTorch/XLA trains this run: strategy=xla, or auto on hardware whose backend is xla."""
+        return self.strategy.name == "xla" or (self.strategy.name == "auto"
+                                               and self.hardware.backend == "xla")
 
 
 class Key(str):
@@ -447,7 +480,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
-                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan):
+                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan,
+                  _check_strategy):
         check(run)
     return run
 
@@ -660,3 +694,16 @@ def _check_plan(run: RunConfig) -> None:
         raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
     if p.pue < 1:
         raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")
+
+
+def _check_strategy(run: RunConfig) -> None:
+    s = run.strategy
+    _one_of("strategy.name", s.name, STRATEGIES)
+    if s.parallel_compile_steps < 0:
+        raise ConfigError("strategy.parallel_compile_steps", s.parallel_compile_steps,
+                          "must be 0 (no compile pass) or more")
+    if run.uses_xla and run.trainer.precision not in XLA_PRECISIONS:
+        raise ConfigError("trainer.precision", run.trainer.precision,
+                          f"the XLA path (strategy={s.name}, hardware={run.hardware.name}) "
+                          f"takes {' or '.join(XLA_PRECISIONS)}: bf16 weights with stochastic "
+                          "rounding stand in for mixed precision there")

@@ -202,6 +202,10 @@ def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
 
 def build_strategy(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointIO) -> Any:
     hardware = run.hardware
+    if run.uses_xla:
+        from trainer.xla.strategy import build_strategy as xla_strategy
+
+        return xla_strategy(run, dims, io)
     if dims.world_size == 1:
         return checkpoint.SingleProcess(io, hardware.device_type)
     if dims.replicas_only:
@@ -212,6 +216,10 @@ def build_strategy(run: RunConfig, dims: ParallelDims, io: checkpoint.Checkpoint
 
 
 def _accelerator(run: RunConfig) -> Any:
+    if run.uses_xla:
+        from trainer.xla.strategy import XlaAccelerator
+
+        return XlaAccelerator()
     if run.hardware.device_type == "neuron":
         from trainer.mesh import neuron_accelerator
 
