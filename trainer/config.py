@@ -32,8 +32,7 @@ CLUSTER_KINDS = ("local", "slurm", "eks")
 EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
 # With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
-# (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
-# default 200-step run always had.
+# (trainer.max_steps=20) gets a short warmup instead of a refusal.
 WARMUP_FRACTION = 0.1
 EXIT_CONFIG_ERROR = 2
 

@@ -56,7 +56,7 @@ class LanguageModel(pl.LightningModule):
                                 self.run.parallelism, backend=compile_backend(device.type))
         model.to_empty(device=device)
         self.family.init_weights(model, self.run.seed, device)
-        if self.run.model.init_from:
+        if self.run.model.init_from and device.type != "meta":  # meta: a validation's build
             self.pretrained = self._load_pretrained(model)
         self.model = model
 
@@ -75,12 +75,18 @@ class LanguageModel(pl.LightningModule):
         figures = {"tensors": report.tensors, "read_bytes": report.bytes_read,
                    "shard_bytes": report.local_bytes, "seconds": time.perf_counter() - start,
                    "peak_beyond_bytes": peak.beyond if peak.beyond is not None else -1}
+        ranks = [figures]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [{}] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, figures)
         if self.global_rank == 0:
-            log.info("loaded %d tensors from %s in %.1f s: this rank read %.1f MiB for "
-                     "%.1f MiB of shards, %s", report.tensors, self.run.model.init_from,
-                     figures["seconds"], report.bytes_read / 2**20, report.local_bytes / 2**20,
-                     f"peak memory +{peak.beyond / 2**20:.1f} MiB while loading"
-                     if peak.beyond is not None else "peak memory not measured here")
+            worst = max(ranks, key=lambda r: r["peak_beyond_bytes"] + r["shard_bytes"])
+            memory = (f"peak memory +{worst['peak_beyond_bytes'] / 2**20:.1f} MiB while loading"
+                      if worst["peak_beyond_bytes"] >= 0 else "peak memory not measured here")
+            log.info("loaded %d tensors from %s in %.1f s; the rank holding most read %.1f MiB "
+                     "for %.1f MiB of shards, %s", report.tensors, self.run.model.init_from,
+                     max(r["seconds"] for r in ranks), worst["read_bytes"] / 2**20,
+                     worst["shard_bytes"] / 2**20, memory)
         return figures
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
