@@ -104,7 +104,7 @@ def test_uneven_fsdp_padding_beyond_five_percent_fails_with_the_figures():
 
 def test_a_module_that_cannot_train_is_a_validation_error():
     # a bare LightningModule has no optimizer: its own step fails, and that is the finding
-    run = load(["hardware=cpu", "trainer.devices=2", "parallelism=fsdp"])
+    run = load(["hardware=cpu", "trainer.devices=2", "parallelism=ddp"])
     run.model._target_ = "pytorch_lightning.LightningModule"
     with pytest.raises(PlanValidationError, match="failed"):
         validate(run, choose(run))
