@@ -23,9 +23,10 @@ from trainer import checkpoint, tracking
 from trainer.config import RunConfig
 from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
+from trainer.models.low_precision import LowPrecision
 from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
-from trainer.plan import ParallelDims
+from trainer.plan import ParallelDims, resolve_precision
 from trainer.preemption import Preemption, isolate_restart_attempts
 from trainer.preflight import check_startable
 
@@ -44,6 +45,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         sweep: tracking.SweepInfo | None = None,
         callbacks: Sequence[pl.Callback] = ()) -> FitResult:
     """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
+    run = resolve_precision(run)  # trainer.precision=auto: the planner's choice from here on
     dims = check_startable(run)  # again: callers may come in without preflight
     _quiet_lightning()
     _same_threads_on_every_rank(run)
@@ -81,9 +83,13 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         on_failed=track.log_checkpoint_failure if track else None)
     preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
     every: list[pl.Callback] = [monitor, saver, preemption]
+    low_precision = LowPrecision.of(run, fsdp=dims.fsdp)
+    if low_precision is not None and _global_rank(run) == 0:
+        log.info("precision: %s", low_precision.describe())
     if run.trainer.progress_bar:
         every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
-                                                                  run.trainer.max_steps // 20)))
+                                                                  run.trainer.max_steps // 20),
+                                     note=low_precision.label if low_precision else ""))
     if track:
         every.append(tracking.RunContinuity(track))
     every += callbacks

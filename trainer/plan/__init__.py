@@ -17,7 +17,9 @@ from trainer.plan.planner import (
     evaluate,
     explicit_shape,
     preference,
+    resolve_precision,
 )
 
 __all__ = ["Candidate", "Estimate", "ParallelDims", "Rejection", "RunFacts", "all_candidates",
-           "candidates", "choose", "evaluate", "explicit_shape", "preference"]
+           "candidates", "choose", "evaluate", "explicit_shape", "preference",
+           "resolve_precision"]
