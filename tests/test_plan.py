@@ -474,7 +474,7 @@ def test_fp8_runs_the_converted_matmuls_at_the_fp8_peak_and_the_rest_at_bf16():
     bf16 = by_shape(candidates(h100_8b("parallelism=fsdp")), shape).estimate
     fp8 = by_shape(candidates(h100_8b("parallelism=fsdp", "trainer.precision=fp8")), shape)
     tokens = 8192  # one sequence per rank
-    total = shape_of(load(["model=llama3_8b"])).flops_per_token(8192)
+    total = shape_of(load(["model=llama3_8b"]).model).flops_per_token(8192)
     converted = 6 * L8 * BLOCK_PROJECTIONS_8B  # the head and attention's products stay bf16
     assert bf16.time["compute"] == pytest.approx(tokens * total / (H100_BF16 * 0.4))
     assert fp8.estimate.time["compute"] == pytest.approx(
@@ -527,11 +527,8 @@ def test_emulated_fp8_on_cpu_is_planned_no_faster_than_bf16():
     ("cpu", "bf16-mixed"),  # emulation is for tests, never chosen
 ])
 def test_auto_precision_picks_the_fastest_format_the_hardware_trains_with(hardware, expected):
-    overrides = [f"hardware={hardware}", "model=llama3_8b", *LARGE]
-    if hardware != "cpu":
-        overrides.append("cluster.nodes=2")
-    else:
-        overrides += ["model.n_layers=2", "data.seq_len=256", "model.max_seq_len=256"]
+    overrides = (["hardware=cpu"] if hardware == "cpu" else  # the tiny model
+                 [f"hardware={hardware}", "model=llama3_8b", *LARGE, "cluster.nodes=2"])
     chosen = choose(load([*overrides, "trainer.precision=auto"]))
     assert chosen.precision == expected
     bf16 = choose(load([*overrides, "trainer.precision=bf16-mixed"]))

@@ -100,7 +100,9 @@ PUBLISHED: tuple[Published, ...] = (
                       "DGX-GB200, not AWS's p6e-gb200"),
     Published("Llama 3.1 8B, TP 32 x DP 32, 32 trn1.32xlarge", "trn1",
               f"{_NEURON}, Llama-3.1-8B row: 47.95 seq/s x 8192 tokens / 512 chips",
-              ("hardware=trn1", "model=llama3_8b", "trainer.precision=bf16-mixed",
+              # bf16-true: Trn1 trains through XLA, which takes bf16 weights (with stochastic
+              # rounding) and no autocast (trainer.config.XLA_PRECISIONS)
+              ("hardware=trn1", "model=llama3_8b", "trainer.precision=bf16-true",
                "data.seq_len=8192", "data.micro_batch_size=1", "data.global_batch_size=1024"),
               nodes=32, dims={"dp_replicate": 32, "tp": 32}, activation_checkpointing=False,
               tokens_per_s_per_chip=47.95 * 8192 / 512, precision="bf16",
