@@ -36,8 +36,10 @@ TOLERANCE = 0.03
 
 
 def trainer(cwd: Path, *args: str, name: str = "run") -> str:
-    proc = subprocess.run([sys.executable, "-m", "trainer", *MICRO, *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=900)
+    flags = [a for a in args if a.startswith("--")]  # Hydra's come before the overrides
+    overrides = [a for a in args if not a.startswith("--")]
+    proc = subprocess.run([sys.executable, "-m", "trainer", *flags, *MICRO, *overrides], cwd=cwd,
+                          env=ENV, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     (cwd / f"{name}.log").write_text(log)
     assert proc.returncode == 0, log[-5000:]

@@ -158,12 +158,21 @@ def after_optimizer_step(model: nn.Module, low: LowPrecision | None) -> None:
     """With float8 all-gather: compute every converted weight's scale in one all-reduce after
     the optimizer changed them (torchao's precompute_float8_dynamic_scale_for_fsdp), instead of
     one small all-reduce per weight inside the next all-gather."""
-    if low is None or not low.float8_all_gather:
+    if low is None or not low.float8_all_gather or _fake(model):
         return
     with _quiet_torchao():
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
     precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def _fake(model: nn.Module) -> bool:
+    """Parameters under FakeTensorMode (the plan validation's step): they hold no values to take
+    scales of, and torchao's weight class tests a precomputed scale for truth, which a fake
+    tensor cannot answer. Each all-gather then computes its own scale, as without precompute."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(plain(p)) for p in model.parameters())
 
 
 @contextlib.contextmanager
