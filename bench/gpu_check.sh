@@ -7,7 +7,8 @@
 #
 # Meant for a bare, lent GPU machine with the repository copied and nothing to download: Python
 # packages the image lacks (torchao, hydra-core, omegaconf, antlr4-python3-runtime) come as wheels
-# in .whl/ (see docs/benchmarks.md, "FP8 against bf16"). About 5 minutes on one H200.
+# in .whl/ (see docs/benchmarks.md, "FP8 against bf16"). Sized for about 5 minutes on one H200,
+# compilation included (not yet run there: the timeouts below cap it at 7).
 #
 #     OUT=/some/dir bash bench/gpu_check.sh      # results: $OUT/*.txt, $OUT/*.json
 set -uo pipefail

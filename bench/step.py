@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         run = load([*base, *variant.split()])
         results.append(benchmark(run, steps=args.steps, warmup=args.warmup, overrides=variant))
         report(results[-1])
+        if args.json:  # after each variant: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"results": [asdict(r) for r in results],
+                           "ratios": ratios(results)}, f, indent=2)
     if len(results) > 1:
         report_ratios(results)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"results": [asdict(r) for r in results],
-                       "ratios": ratios(results)}, f, indent=2)
     return 0
 
 
