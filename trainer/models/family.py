@@ -151,7 +151,9 @@ class ModelFamily:
     name: str
     shape: type  # a dataclass whose fields are `model.*` keys of trainer.config.ModelConfig
     build: Callable[[Any], nn.Module]  # the model of a shape, on the current default device
-    parallelize: Callable[..., nn.Module]  # (model, mesh, dims, ParallelismConfig, ...)
+    # (model, mesh, dims, ParallelismConfig, *, backend, low_precision): low_precision is a
+    # `trainer.models.low_precision.LowPrecision` or None; the family converts what it chooses
+    parallelize: Callable[..., nn.Module]
     init_weights: Callable[[nn.Module, int, Any], None]  # (model, seed, buffer device)
     hf: Callable[[], HFAdapter]  # the Hugging Face adapter (config and weight names)
 
