@@ -77,6 +77,9 @@ DEFAULT_HARDWARE = ("trn2_ultraserver", "trn3_ultraserver", "h100", "h200", "b20
 # What large runs use: one 8k sequence per rank, bf16 compute, FSDP gathering bf16 weights.
 PRESET = ("parallelism=auto", "data.seq_len=8192", "data.micro_batch_size=1",
           "trainer.precision=bf16-mixed", "parallelism.param_dtype=bfloat16")
+# PyTorch/XLA (trn1's path) has no autocast: its 16-bit training keeps bf16 weights
+# (trainer.config.XLA_PRECISIONS), so that is what its row of the bf16 comparison plans.
+XLA_PRESET = ("trainer.precision=bf16-true",)
 # Llama 3 405B was trained on up to 16K H100 GPUs (Llama 3 paper, arXiv 2407.21783, sec. 3.3):
 # the largest fleet a published run of this model family used.
 MAX_CHIPS = 16384
@@ -292,7 +295,8 @@ class Row:
 
 
 def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
-    run = load([*PRESET, f"hardware={name}", *request.overrides,
+    xla = HardwareSpec.load(name).config.backend == "xla"
+    run = load([*PRESET, *(XLA_PRESET if xla else ()), f"hardware={name}", *request.overrides,
                 *request.per_hardware.get(name, ())])
     hw = HardwareSpec(run.hardware)
     c = run.hardware
