@@ -122,6 +122,11 @@ BAD_CONFIGS = [
     (["model._target_=collections.OrderedDict"], "model._target_"),
     (["trainer.devices=3", "parallelism.dp_replicate=2"], "parallelism"),
     (["+hardware.bogus=1"], "hardware.bogus"),
+    # Low-precision formats only where the hardware's stack trains with them (cpu: emulation).
+    (["hardware=trn2", "trainer.precision=fp8"], "trn2 does not train in fp8"),
+    (["hardware=h100", "trainer.precision=mxfp8"], "h100 does not train in mxfp8"),
+    (["trainer.precision=fp8", "trainer.fp8_recipe=blockwise"], "trainer.fp8_recipe"),
+    (["hardware=h100", "hardware.low_precision=[fp4]"], "hardware.low_precision"),
     # Meshes the planner refuses, before any process group exists.
     (["trainer.devices=3", "parallelism.dp_replicate=1", "parallelism.tp=3"], "parallelism.tp=3"),
     (["hardware=h100", "model.dim=512", "model.n_heads=32", "model.n_kv_heads=32",

@@ -455,3 +455,101 @@ def test_dtype_checks_run_under_auto():
         load(["parallelism.param_dtype=float16"])
     with pytest.raises(ConfigError, match="bf16-true"):
         load(["trainer.precision=bf16-true", "parallelism.param_dtype=float32"])
+
+
+# --- fp8 / mxfp8 (trainer.plan.precision) ---------------------------------------------------------
+
+# Llama 3 8B, typed from its shape (configs/model/llama3_8b.yaml), not read from the code
+D8, KV8, F8, L8 = 4096, 1024, 14336, 32
+BLOCK_PROJECTIONS_8B = 2 * D8 * D8 + 2 * D8 * KV8 + 3 * D8 * F8  # wq wo, wk wv, w1 w2 w3
+H100_BF16, H100_FP8, H100_HBM = 989e12, 1979e12, 3350e9  # configs/hardware/h100.yaml, cited there
+
+
+def h100_8b(*overrides: str) -> RunConfig:
+    return load(["hardware=h100", "model=llama3_8b", "trainer.devices=8", *LARGE, *overrides])
+
+
+def test_fp8_runs_the_converted_matmuls_at_the_fp8_peak_and_the_rest_at_bf16():
+    shape = (1, 8, 1, 1)
+    bf16 = by_shape(candidates(h100_8b("parallelism=fsdp")), shape).estimate
+    fp8 = by_shape(candidates(h100_8b("parallelism=fsdp", "trainer.precision=fp8")), shape)
+    tokens = 8192  # one sequence per rank
+    total = shape_of(load(["model=llama3_8b"]).model).flops_per_token(8192)
+    converted = 6 * L8 * BLOCK_PROJECTIONS_8B  # the head and attention's products stay bf16
+    assert bf16.time["compute"] == pytest.approx(tokens * total / (H100_BF16 * 0.4))
+    assert fp8.estimate.time["compute"] == pytest.approx(
+        tokens * ((total - converted) / H100_BF16 + converted / H100_FP8) / 0.4)
+    assert fp8.precision == "fp8"
+
+
+def test_fp8_casts_cost_memory_traffic_by_hand():
+    found = by_shape(candidates(h100_8b("parallelism=fsdp", "trainer.precision=fp8")),
+                     (1, 8, 1, 1)).estimate
+    # per token each projection casts its input and its output's gradient (tp=1): in + out
+    per_layer = (D8 + D8) * 2 + (D8 + KV8) * 2 + 2 * (D8 + F8) + (F8 + D8)
+    # and per micro-batch its 1/8 shard of the weights (float8 all-gather casts before gathering)
+    weights = L8 * BLOCK_PROJECTIONS_8B / 8
+    nbytes = 8 * (L8 * per_layer * 8192 + weights)  # tensorwise: 8 bytes per element cast
+    assert found.time["casts"] == pytest.approx(nbytes / H100_HBM)
+    assert found.time["step"] >= found.time["compute"] + found.time["casts"]
+
+
+def test_float8_all_gather_moves_the_converted_weights_in_one_byte():
+    def fsdp_seconds(*overrides: str) -> float:
+        run = h100_8b("parallelism=fsdp", "parallelism.reduce_dtype=float32", *overrides)
+        return by_shape(candidates(run), (1, 8, 1, 1)).estimate.time["fsdp"]
+
+    params = LlamaArgs(dim=D8, n_layers=L8, n_heads=32, n_kv_heads=8, vocab_size=128256,
+                       ffn_dim=F8).num_params()
+    converted = L8 * BLOCK_PROJECTIONS_8B
+    nvlink = 450e9  # per GPU, one way
+    # ring over 8: 7/8 of (bf16 gather forward + again backward + fp32 reduce-scatter)
+    bf16 = 7 / 8 * (2 * 2 * params + 4 * params) / nvlink
+    float8 = 7 / 8 * (2 * (2 * (params - converted) + 1 * converted) + 4 * params) / nvlink
+    assert fsdp_seconds("trainer.precision=bf16-mixed") == pytest.approx(bf16)
+    assert fsdp_seconds("trainer.precision=fp8") == pytest.approx(float8)
+    # torchao gathers in float8 for tensorwise scaling only; rowwise and MXFP8 gather bf16
+    assert fsdp_seconds("trainer.precision=fp8", "trainer.fp8_recipe=rowwise") == \
+        pytest.approx(bf16)
+
+
+def test_emulated_fp8_on_cpu_is_planned_no_faster_than_bf16():
+    bf16 = choose(load(["trainer.precision=bf16-mixed"])).estimate
+    fp8 = choose(load(["trainer.precision=fp8"])).estimate
+    assert fp8.time["compute"] == pytest.approx(bf16.time["compute"])
+    assert fp8.step_seconds > bf16.step_seconds  # the casts on top
+
+
+@pytest.mark.parametrize(("hardware", "expected"), [
+    ("h100", "fp8"),  # Hopper: fp8 only
+    ("trn3_ultraserver", "mxfp8"),  # Trn3: MXFP8 through TorchAO Neuron, no plain fp8
+    ("trn2_ultraserver", "bf16-mixed"),  # Trn2: no low-precision training stack
+    ("cpu", "bf16-mixed"),  # emulation is for tests, never chosen
+])
+def test_auto_precision_picks_the_fastest_format_the_hardware_trains_with(hardware, expected):
+    overrides = (["hardware=cpu"] if hardware == "cpu" else  # the tiny model
+                 [f"hardware={hardware}", "model=llama3_8b", *LARGE, "cluster.nodes=2"])
+    chosen = choose(load([*overrides, "trainer.precision=auto"]))
+    assert chosen.precision == expected
+    bf16 = choose(load([*overrides, "trainer.precision=bf16-mixed"]))
+    assert chosen.estimate.tokens_per_s >= bf16.estimate.tokens_per_s
+    if expected != "bf16-mixed":
+        assert chosen.estimate.tokens_per_s > 1.2 * bf16.estimate.tokens_per_s
+
+
+def test_auto_precision_resolves_before_anything_is_built():
+    from trainer.plan import resolve_precision
+
+    run = resolve_precision(load(["hardware=h100", "model=llama3_8b", *LARGE,
+                                  "trainer.precision=auto"]))
+    assert run.trainer.precision == "fp8"
+    unchanged = load(["trainer.precision=bf16-true"])
+    assert resolve_precision(unchanged) is unchanged
+
+
+def test_cli_says_which_precision_auto_assumed():
+    result = run_cli("hardware=trn3_ultraserver", "model=llama3_8b", *LARGE,
+                     "trainer.precision=auto")
+    assert result.returncode == 0, result.stderr
+    assert "precision: mxfp8 (trainer.precision=auto: the fastest of bf16-mixed, mxfp8 on " \
+           "trn3_ultraserver)" in result.stdout

@@ -27,7 +27,13 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 DEVICE_TYPES = ("cpu", "cuda", "neuron")
 BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo"), "neuron": ("neuron", "xla")}
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+# Lightning's precisions, then the low-precision formats (matmuls through torchao, the rest as
+# bf16-mixed), then `auto`: the planner picks the fastest the hardware trains with.
+LOW_PRECISION_FORMATS = ("fp8", "mxfp8")
+PRECISION_AUTO = "auto"
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", *LOW_PRECISION_FORMATS,
+              PRECISION_AUTO)
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's Float8LinearRecipeName values
 CLUSTER_KINDS = ("local", "slurm", "eks")
 EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -62,6 +68,11 @@ class HardwareConfig:
     memory_bw_gbs: float = MISSING  # device memory bandwidth per chip, GB/s
     peak_tflops_bf16: float = MISSING  # dense bf16 TFLOP/s per chip; MFU is measured against it
     peak_tflops_fp8: Optional[float] = None  # dense fp8 TFLOP/s per chip; null where unpublished
+    # dense MXFP8 (block-scaled fp8) TFLOP/s per chip; null where unpublished
+    peak_tflops_mxfp8: Optional[float] = None
+    # low-precision formats this hardware's software stack trains with (trainer.precision): fp8,
+    # mxfp8; [] for bf16 only. Each entry says where its list comes from.
+    low_precision: list[str] = field(default_factory=list)
     intra_node_bw_gbs: float = MISSING  # GB/s per chip, one direction, to chips of its node
     intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to its domain's nodes
     efa_bw_gbps: float = 0.0  # Gbit/s per node over EFA, the inter-domain link
@@ -255,7 +266,12 @@ class TrainerConfig:
     max_steps: int = 200  # optimizer steps to train; the LR schedule ends here
     # ranks per node; null: the hardware's (chips_per_node x ranks_per_chip), 1 on cpu
     devices: Optional[int] = None
-    precision: str = "32-true"  # Lightning precision: parameters and autocast dtype
+    # Lightning precision (32-true, bf16-mixed, bf16-true, 16-mixed), a low-precision format
+    # (fp8, mxfp8: the family's linears through torchao, the rest as bf16-mixed; the hardware
+    # must list it in hardware.low_precision, and cpu runs torchao's emulation), or auto: the
+    # fastest the planner finds among bf16-mixed and the hardware's formats
+    precision: str = "32-true"
+    fp8_recipe: str = "tensorwise"  # scaling of trainer.precision=fp8: tensorwise | rowwise
     log_every_n_steps: int = 10  # a progress line and a metrics point every N steps
     progress_bar: bool = True  # progress (loss, tok/s, MFU): a bar on a terminal, else log lines
 
@@ -519,6 +535,11 @@ def _check_hardware(run: RunConfig) -> None:
     for key in ("power_w", "node_power_w", "price_per_hour"):
         if getattr(hw, key) is not None:
             _positive(f"hardware.{key}", getattr(hw, key))
+    for fmt in hw.low_precision:
+        _one_of("hardware.low_precision", fmt, LOW_PRECISION_FORMATS)
+        if getattr(hw, f"peak_tflops_{fmt}") is None:
+            raise ConfigError("hardware.low_precision", fmt,
+                              f"the planner needs its peak: set hardware.peak_tflops_{fmt}")
 
 
 def _check_model(run: RunConfig) -> None:
@@ -618,8 +639,30 @@ def _check_trainer(run: RunConfig) -> None:
     if run.hardware.device_type == "cpu" and t.precision == "16-mixed":
         raise ConfigError("trainer.precision", t.precision,
                           "fp16 needs an accelerator; on cpu use 32-true or bf16-mixed")
+    _check_low_precision(run)
     if run.data.global_batch_size is not None:
         _positive("data.global_batch_size", run.data.global_batch_size)
+
+
+def _check_low_precision(run: RunConfig) -> None:
+    """fp8 / mxfp8 only where the hardware's stack trains with it (cpu: torchao's emulation, for
+    tests), and only for a model family, whose `parallelize` converts its linears."""
+    t, hw = run.trainer, run.hardware
+    _one_of("trainer.fp8_recipe", t.fp8_recipe, FP8_RECIPES)
+    if t.precision not in (*LOW_PRECISION_FORMATS, PRECISION_AUTO):
+        return
+    if not run.uses_family_model:
+        raise ConfigError("trainer.precision", t.precision,
+                          "converts a model family's linears; a module of your own "
+                          f"(model._target_={run.model._target_}) picks its own precision: use "
+                          "32-true, bf16-mixed, bf16-true or 16-mixed")
+    if t.precision == PRECISION_AUTO or hw.device_type == "cpu":
+        return
+    if t.precision not in hw.low_precision:
+        formats = ", ".join(hw.low_precision) or "none (bf16 only)"
+        raise ConfigError("trainer.precision", t.precision,
+                          f"{hw.name} does not train in {t.precision}; its stack trains with: "
+                          f"{formats} (hardware.low_precision); use bf16-mixed or auto")
 
 
 def _check_checkpoint(run: RunConfig) -> None:

@@ -23,9 +23,10 @@ from trainer import checkpoint, tracking
 from trainer.config import RunConfig
 from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
+from trainer.models.low_precision import LowPrecision
 from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
-from trainer.plan import ParallelDims
+from trainer.plan import ParallelDims, resolve_precision
 from trainer.preemption import Preemption, isolate_restart_attempts
 from trainer.preflight import check_startable
 
@@ -54,6 +55,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         sweep: tracking.SweepInfo | None = None,
         callbacks: Sequence[pl.Callback] = ()) -> FitResult:
     """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
+    run = resolve_precision(run)  # trainer.precision=auto: the planner's choice from here on
     dims = check_startable(run)  # again: callers may come in without preflight
     prepare_process(run)
     module = build_module(run, dims)
@@ -64,8 +66,8 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     monitor = StepMonitor(_throughput(run, dims, module), every_n=run.trainer.log_every_n_steps)
     preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
     trainer = build_trainer(run, dims, checkpoints.io, run_dir, track,
-                            [monitor, saver, preemption, *display_callbacks(run, monitor, track),
-                             *callbacks])
+                            [monitor, saver, preemption,
+                             *display_callbacks(run, dims, monitor, track), *callbacks])
     train(trainer, module, data, checkpoints.resume_from, track, preemption)
     result = FitResult(dims, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
@@ -128,14 +130,18 @@ def start_tracking(run: RunConfig, dims: ParallelDims, run_dir: Path, resolved: 
                           launch_artifact=_launch_artifact(run))
 
 
-def display_callbacks(run: RunConfig, monitor: StepMonitor,
+def display_callbacks(run: RunConfig, dims: ParallelDims, monitor: StepMonitor,
                       track: tracking.Tracking | None) -> list[pl.Callback]:
-    """What a person watches: the progress display, and MLflow's view of the run's continuity
-    and checkpoints."""
+    """What a person watches: the progress display (which says fp8 / mxfp8, and when torchao
+    emulates it), and MLflow's view of the run's continuity and checkpoints."""
+    low_precision = LowPrecision.of(run, fsdp=dims.fsdp)
+    if low_precision is not None and _global_rank(run) == 0:
+        log.info("precision: %s", low_precision.describe())
     shown: list[pl.Callback] = []
     if run.trainer.progress_bar:
         shown.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
-                                                            run.trainer.max_steps // 20)))
+                                                            run.trainer.max_steps // 20),
+                                     note=low_precision.label if low_precision else ""))
     if track:
         shown.append(tracking.RunContinuity(track))
     return shown

@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from trainer.config import RunConfig, locate
+from trainer.config import KEY, LOW_PRECISION_FORMATS, PRECISION_AUTO, RunConfig, locate
+from trainer.models.low_precision import LowPrecision, after_optimizer_step
 from trainer.models.parallel import compile_backend
 from trainer.models.registry import family_of, shape_of
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -31,6 +32,7 @@ class LanguageModel(pl.LightningModule):
         self.family = family_of(run.model)
         self.args = shape_of(run.model)
         self.model: torch.nn.Module | None = None
+        self.low_precision = LowPrecision.of(run, fsdp=dims.fsdp)
         self.pretrained: dict[str, float] | None = None  # what loading `model.init_from` took
         # Read by the step monitor: kept on the device so logging never forces a sync per step.
         self.last_grad_norm: torch.Tensor | None = None
@@ -53,7 +55,8 @@ class LanguageModel(pl.LightningModule):
                                f"mesh was handed to the module (a mesh strategy sets it before "
                                f"configure_model)")
         self.family.parallelize(model, mesh if self.dims.uses_mesh else None, self.dims,
-                                self.run.parallelism, backend=compile_backend(device.type))
+                                self.run.parallelism, backend=compile_backend(device.type),
+                                low_precision=self.low_precision)
         model.to_empty(device=device)
         self.family.init_weights(model, self.run.seed, device)
         if self.run.model.init_from and device.type != "meta":  # meta: a validation's build
@@ -100,6 +103,9 @@ class LanguageModel(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.run.optim)
         scheduler = build_scheduler(optimizer, self.run.optim, self.run.trainer.max_steps)
+        if self.low_precision is not None:
+            optimizer.register_step_post_hook(
+                lambda *_: after_optimizer_step(self.model, self.low_precision))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -127,6 +133,11 @@ def precision_plugin(run: RunConfig, device_type: str | None = None) -> Any:
     from pytorch_lightning.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
     precision = run.trainer.precision
+    if precision == PRECISION_AUTO:
+        raise ValueError(f"{KEY.trainer.precision}=auto must be resolved by the planner first "
+                         "(trainer.plan.resolve_precision)")
+    if precision in LOW_PRECISION_FORMATS:  # the converted matmuls aside, as bf16-mixed
+        precision = "bf16-mixed"
     if precision.endswith("-mixed"):
         device = device_type or run.hardware.device_type
         return MixedPrecision(precision, device=device)  # type: ignore[arg-type]

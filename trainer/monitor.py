@@ -148,8 +148,10 @@ class ProgressDisplay(pl.Callback):
     """A Rich progress bar over optimizer steps (loss, tokens/s, MFU) on a terminal; on anything
     else (a SLURM log, CI) a plain log line every `log_every` steps."""
 
-    def __init__(self, monitor: StepMonitor, log_every: int, interactive: bool | None = None):
+    def __init__(self, monitor: StepMonitor, log_every: int, interactive: bool | None = None,
+                 note: str = ""):
         self.monitor = monitor
+        self.note = note  # said on every line, e.g. "fp8 emulated"
         self.log_every = log_every
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._progress = None
@@ -197,6 +199,8 @@ class ProgressDisplay(pl.Callback):
                  f"{m['train/tokens_per_s']:,.0f} tok/s"]
         if "perf/mfu" in m:
             parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+        if self.note:
+            parts.append(self.note)
         return "  ".join(parts)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -51,13 +51,15 @@ class ParamGroup:
     """Parameters alike in how they shard: `units` FSDP units of one kind hold `per_unit`
     elements each. `split` names the mesh dims other than FSDP's that divide them (tensor
     parallel's "tp"); FSDP shards every group. `matmul`: the weights go through a matmul (an
-    embedding table is a lookup)."""
+    embedding table is a lookup). `low_precision`: the family converts these matmuls to fp8 /
+    mxfp8 under those precisions (its `parallelize` does; what stays bf16 is its decision)."""
 
     unit: str
     per_unit: int
     units: int = 1
     split: tuple[str, ...] = ()
     matmul: bool = False
+    low_precision: bool = False
 
     def local(self, sizes: Mapping[str, int]) -> float:
         """Elements of the whole group one rank holds before FSDP shards it."""
@@ -87,9 +89,23 @@ class ParamCounts:
 
     def largest_unit(self, sizes: Mapping[str, int]) -> float:
         """The most elements one FSDP all-gather materializes on a rank: the largest unit."""
+        return self.largest_unit_bytes(sizes, lambda g: 1.0)
+
+    def low_precision_per_rank(self, sizes: Mapping[str, int]) -> float:
+        """Elements of the matmul weights the family converts to fp8 / mxfp8 one rank holds."""
+        return sum(g.local(sizes) for g in self.groups if g.low_precision)
+
+    def per_rank_bytes(self, sizes: Mapping[str, int], width: Callable[[ParamGroup], float]
+                       ) -> float:
+        """Bytes one rank holds before FSDP when each group's elements take `width(group)`."""
+        return sum(g.local(sizes) * width(g) for g in self.groups)
+
+    def largest_unit_bytes(self, sizes: Mapping[str, int],
+                           width: Callable[[ParamGroup], float]) -> float:
+        """The most bytes one FSDP all-gather materializes on a rank, each group at `width`."""
         by_unit: dict[str, float] = {}
         for g in self.groups:
-            by_unit[g.unit] = by_unit.get(g.unit, 0.0) + g.local(sizes) / g.units
+            by_unit[g.unit] = by_unit.get(g.unit, 0.0) + g.local(sizes) / g.units * width(g)
         return max(by_unit.values(), default=0.0)
 
 
@@ -114,6 +130,17 @@ class ModelCosts(Protocol):
     def tp_rejection(self, tp: int) -> tuple[str, int, str] | None:
         """(key, value, why) when tensor parallel of degree `tp` cannot split this shape."""
 
+    # Optional, for trainer.precision=fp8 / mxfp8 (a model without them plans every matmul in
+    # bf16): the family's converted matmuls, as its `parallelize` converts them.
+
+    def low_precision_flops_per_token(self) -> float:
+        """Training FLOPs per token of the matmuls the family converts (part of
+        `flops_per_token`)."""
+
+    def low_precision_cast_elements_per_token(self, tp: int) -> float:
+        """Elements one rank casts to fp8 per token per pass: the inputs and the output
+        gradients of the converted matmuls, under tensor parallel of degree `tp`."""
+
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -124,7 +151,9 @@ class ModelFamily:
     name: str
     shape: type  # a dataclass whose fields are `model.*` keys of trainer.config.ModelConfig
     build: Callable[[Any], nn.Module]  # the model of a shape, on the current default device
-    parallelize: Callable[..., nn.Module]  # (model, mesh, dims, ParallelismConfig, ...)
+    # (model, mesh, dims, ParallelismConfig, *, backend, low_precision): low_precision is a
+    # `trainer.models.low_precision.LowPrecision` or None; the family converts what it chooses
+    parallelize: Callable[..., nn.Module]
     init_weights: Callable[[nn.Module, int, Any], None]  # (model, seed, buffer device)
     hf: Callable[[], HFAdapter]  # the Hugging Face adapter (config and weight names)
 

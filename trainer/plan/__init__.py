@@ -16,8 +16,10 @@ from trainer.plan.planner import (
     evaluate,
     explicit_shape,
     preference,
+    resolve_precision,
 )
 from trainer.plan.rejection import Rejection
 
 __all__ = ["Candidate", "Estimate", "ParallelDims", "Rejection", "RunFacts", "all_candidates",
-           "candidates", "choose", "evaluate", "explicit_shape", "preference"]
+           "candidates", "choose", "evaluate", "explicit_shape", "preference",
+           "resolve_precision"]

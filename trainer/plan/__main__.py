@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import trainer.plan.precision as lowp
 from trainer.config import (
     KEY,
     MESH_DIMS,
@@ -20,7 +21,14 @@ from trainer.config import (
     validate,
 )
 from trainer.hardware import GIB
-from trainer.plan.planner import Candidate, RunFacts, all_candidates, choose, preference
+from trainer.plan.planner import (
+    Candidate,
+    RunFacts,
+    all_candidates,
+    choose,
+    preference,
+    resolve_precision,
+)
 
 USAGE = """\
 usage: python -m trainer.plan [--all] [KEY=VALUE | GROUP=OPTION ...]
@@ -39,6 +47,7 @@ or with parallelism=auto the fastest feasible candidate.
   plan.link_efficiency=X   fraction of nominal link bandwidth collectives reach (default 1)
   plan.memory_headroom=X   fraction of a rank's memory a plan may use (default 0.9)
   plan.validate=true       also build the mesh with a fake process group and check it
+  trainer.precision=auto   plan in the fastest precision the hardware trains with
 
 examples:
   python -m trainer.plan model=llama3_8b hardware=trn2_ultraserver cluster.nodes=4 \\
@@ -61,11 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     show_all = "--all" in args
     overrides = [a for a in args if a != "--all"]
     with exit_on_config_error():
-        run = validate(compose(overrides))
+        asked = validate(compose(overrides))
+        run = resolve_precision(asked)
         facts = RunFacts.of(run)
         found = sorted(all_candidates(facts), key=lambda c: (not c.feasible, preference(c)))
         chosen = choose(run)
     print_table(run, found, chosen, show_all=show_all)
+    if asked.trainer.precision != run.trainer.precision:
+        print(f"precision: {run.trainer.precision} ({KEY.trainer.precision}="
+              f"{asked.trainer.precision}: the fastest of {', '.join(lowp.options(asked))} on "
+              f"{run.hardware.name})")
     if not getattr(facts.costs, "estimates_activations", True):
         print(f"activations are not in these figures: {KEY.model._target_}="
               f"{run.model._target_} is planned from its parameter count alone "

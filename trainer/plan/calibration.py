@@ -68,14 +68,20 @@ def calibrate(assumptions: list[str]) -> list[Check]:
     return list(_calibrate(tuple(assumptions)))
 
 
-def summary(checks: list[Check], hardware: str) -> str:
-    """One cell for the comparison table: the mean error of the bf16 figures on `hardware`, else
-    of its FP8 figures (labelled), else that none is published."""
+def summary(checks: list[Check], hardware: str, precision: str = "bf16") -> str:
+    """One cell for the comparison table: the mean error of the figures published on `hardware`
+    in the row's `precision` ("bf16", "fp8" or "mxfp8"), else of those in another precision
+    (labelled), else that none is published."""
     mine = [c for c in checks if c.published.hardware == hardware]
-    bf16 = [c.error for c in mine if c.published.precision == "bf16"]
-    if bf16:
-        return f"{sum(bf16) / len(bf16):+.0%} ({len(bf16)} bf16)"
-    fp8 = [c.error for c in mine if c.published.precision == "fp8"]
-    if fp8:
-        return f"{sum(fp8) / len(fp8):+.0%} (vs fp8)"
+    same = [c.error for c in mine if c.published.precision == precision]
+    if same:
+        return f"{sum(same) / len(same):+.0%} ({len(same)} {precision})"
+    for other in sorted({c.published.precision for c in mine}):
+        errors = [c.error for c in mine if c.published.precision == other]
+        return f"{sum(errors) / len(errors):+.0%} (vs {other})"
     return "none published"
+
+
+def precision_kind(precision: str) -> str:
+    """How published figures name a trainer.precision: bf16 for the 16-bit ones."""
+    return precision if precision in ("fp8", "mxfp8") else "bf16"

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import trainer.plan.precision as lowp
 from trainer.config import CONFIG_ERRORS, ConfigError, RunConfig, describe, load
 from trainer.hardware import HardwareSpec, catalog
 from trainer.models.registry import model_costs
-from trainer.plan.calibration import Check, calibrate, summary
+from trainer.plan.calibration import Check, calibrate, precision_kind, summary
 from trainer.plan.dims import ParallelDims
 from trainer.plan.planner import Candidate, choose
 
@@ -58,6 +59,8 @@ MWh and per dollar. Figures that are not published show as nf.
   --output F     also write the comparison as JSON (F.json) or CSV (F.csv)
   --chart F      draw days vs cost, one point per hardware, as a PNG
   plan.pue=X plan.mfu=X plan.overlap=X plan.link_efficiency=X   the model's assumptions
+  trainer.precision=auto   each hardware in the fastest precision its stack trains with
+                 (bf16-mixed, fp8, mxfp8: hardware.low_precision); or fp8 / mxfp8 where listed
 
 Any other argument is a Hydra override, as for `python -m trainer`; the comparison starts from
 parallelism=auto data.seq_len=8192 data.micro_batch_size=1 trainer.precision=bf16-mixed
@@ -74,6 +77,9 @@ DEFAULT_HARDWARE = ("trn2_ultraserver", "trn3_ultraserver", "h100", "h200", "b20
 # What large runs use: one 8k sequence per rank, bf16 compute, FSDP gathering bf16 weights.
 PRESET = ("parallelism=auto", "data.seq_len=8192", "data.micro_batch_size=1",
           "trainer.precision=bf16-mixed", "parallelism.param_dtype=bfloat16")
+# PyTorch/XLA (trn1's path) has no autocast: its 16-bit training keeps bf16 weights
+# (trainer.config.XLA_PRECISIONS), so that is what its row of the bf16 comparison plans.
+XLA_PRESET = ("trainer.precision=bf16-true",)
 # Llama 3 405B was trained on up to 16K H100 GPUs (Llama 3 paper, arXiv 2407.21783, sec. 3.3):
 # the largest fleet a published run of this model family used.
 MAX_CHIPS = 16384
@@ -260,12 +266,18 @@ class Row:
     def tokens_per_s(self) -> float | None:
         return None if self.chosen is None else self.chosen.estimate.tokens_per_s
 
+    @property
+    def precision(self) -> str | None:
+        """The trainer.precision the plan assumed (auto's choice)."""
+        return None if self.chosen is None else self.chosen.precision
+
     def to_dict(self, tokens: float) -> dict[str, Any]:
         f = self.figures
         return {
             "hardware": self.hardware, "instance_type": self.instance_type,
             "nodes": self.nodes, "chips": self.chips,
             "mesh": self.chosen.dims.mesh_str if self.chosen else None,
+            "precision": self.precision,
             "activation_checkpointing": (self.chosen.dims.activation_checkpointing
                                          if self.chosen else None),
             "mfu_assumed": self.mfu_assumed,
@@ -283,13 +295,15 @@ class Row:
 
 
 def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
-    run = load([*PRESET, f"hardware={name}", *request.overrides,
+    xla = HardwareSpec.load(name).config.backend == "xla"
+    run = load([*PRESET, *(XLA_PRESET if xla else ()), f"hardware={name}", *request.overrides,
                 *request.per_hardware.get(name, ())])
     hw = HardwareSpec(run.hardware)
     c = run.hardware
     row = Row(name, c.instance_type, c.chips_per_node, run.plan.mfu,
               c.power_w, hw.node_power_w, hw.power_basis, hw.price_per_node_hour, c.price_date,
-              c.price_region, summary(checks, name), list(c.vendor_claims))
+              c.price_region, summary(checks, name, precision_kind(run.trainer.precision)),
+              list(c.vendor_claims))
 
     def figures(p: Candidate, nodes: int) -> JobFigures:
         return job_figures(request.tokens, p.estimate.tokens_per_s, nodes, c.chips_per_node,
@@ -310,7 +324,9 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
     grid = node_grid(c.nodes_per_domain, max(1, request.max_chips // c.chips_per_node))
     # No plan beats every rank computing at plan.mfu of its peak with nothing else to do: fleets
     # below that bound cannot meet a deadline, and no fleet can be cheaper than it.
-    ceiling = (hw.peak_flops_per_rank() * hw.ranks_per_node * run.plan.mfu
+    # (at the fastest peak of any precision it may use: an upper bound)
+    fastest = max(lowp.peak(hw, lowp.with_precision(run, p)) for p in lowp.options(run))
+    ceiling = (fastest * hw.ranks_per_node * run.plan.mfu
                / model_costs(run).flops_per_token(run.data.seq_len))  # tokens/s per node
     if request.days is not None:
         fewest = request.tokens / (request.days * SECONDS_PER_DAY * ceiling)
@@ -366,7 +382,11 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
 def compare(request: Request) -> tuple[list[Row], list[Check]]:
     assumptions = [o for o in request.overrides if o.startswith("plan.")]
     checks = calibrate(assumptions)
-    return [compare_one(request, name, checks) for name in request.hardware], checks
+    rows = [compare_one(request, name, checks) for name in request.hardware]
+    for row in rows:  # against the figures published in the precision the plan chose
+        if row.precision is not None:
+            row.calibration = summary(checks, row.hardware, precision_kind(row.precision))
+    return rows, checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,18 +418,20 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
     title = (f"{run_label}, {request.tokens:.3g} tokens; fleet: {request.mode}; energy = node "
              f"power x time x PUE {pue:g} (plan.pue)")
     table = Table(title=title, title_justify="left")
-    for header in ("hardware", "chips", "mesh, AC", "MFU", "tokens/s", "days", "chip-hours",
-                   "MWh", "cost $", "tokens/MWh", "tokens/$", "calib. err"):
-        table.add_column(header, justify="left" if header in ("hardware", "mesh, AC") else "right")
+    for header in ("hardware", "chips", "mesh, AC", "precision", "MFU", "tokens/s", "days",
+                   "chip-hours", "MWh", "cost $", "tokens/MWh", "tokens/$", "calib. err"):
+        table.add_column(header, justify="left" if header in ("hardware", "mesh, AC",
+                                                               "precision") else "right")
     for r in rows:
         f = r.figures
         if r.chosen is None or f is None:
-            table.add_row(r.hardware, "", "no plan (below)", f"{r.mfu_assumed:.0%}", "", "", "",
-                          "", "", "", "", r.calibration)
+            table.add_row(r.hardware, "", "no plan (below)", "", f"{r.mfu_assumed:.0%}", "", "",
+                          "", "", "", "", "", r.calibration)
             continue
         dims = r.chosen.dims
         mesh = f"{dims.mesh_str}, {'on' if dims.activation_checkpointing else 'off'}"
-        table.add_row(r.hardware, f"{r.chips:,}", mesh, f"{r.chosen.estimate.mfu:.1%}",
+        table.add_row(r.hardware, f"{r.chips:,}", mesh, r.precision or "",
+                      f"{r.chosen.estimate.mfu:.1%}",
                       _si(r.tokens_per_s), f"{f.days:,.1f}", _si(f.chip_hours),
                       _fmt(f.energy_mwh, ",.0f"), _fmt(f.cost_usd, ",.0f", "$"),
                       _si(request.tokens / f.energy_mwh) if f.energy_mwh else NF,
@@ -420,8 +442,10 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
             console.print(f"{r.hardware}: {r.reason}")
     assumed = rows[0].mfu_assumed if rows else math.nan
     console.print(f"MFU: the plan's model FLOPs over dense bf16 peak, assuming plan.mfu="
-                  f"{assumed:g} (less with activation checkpointing's recompute); mesh "
-                  f"dp_replicate x dp_shard x cp x tp in ranks.")
+                  f"{assumed:g} of each format's peak (less with activation checkpointing's "
+                  f"recompute; fp8 / mxfp8 matmuls can take it past plan.mfu); mesh "
+                  f"dp_replicate x dp_shard x cp x tp in ranks; precision: what the plan "
+                  f"assumed (trainer.precision=auto: the fastest the hardware trains with).")
 
     sources = Table(title="power and price (configs/hardware/*.yaml, each with its source)",
                     title_justify="left")
@@ -564,6 +588,7 @@ def _log(base: RunConfig, request: Request, rows: list[Row], doc: dict[str, Any]
 
     params = {"tokens": f"{request.tokens:g}", "hardware": ",".join(request.hardware),
               "fleet": request.mode, "model": base.model.name,
+              **{f"{r.hardware}.precision": r.precision for r in rows if r.precision},
               **{f"plan.{k}": str(v) for k, v in doc["assumptions"].items()
                  if k in ("mfu", "overlap", "link_efficiency", "pue")}}
     metrics = {f"{row['hardware']}.{key}": row[key] for row in doc["rows"]

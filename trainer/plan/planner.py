@@ -30,7 +30,8 @@ import math
 from dataclasses import dataclass, field
 from itertools import product
 
-from trainer.config import KEY, MESH_DIMS, ConfigError, RunConfig
+import trainer.plan.precision as lowp
+from trainer.config import KEY, MESH_DIMS, PRECISION_AUTO, ConfigError, RunConfig
 from trainer.hardware import GIB, HardwareSpec, Link
 from trainer.models.family import ModelCosts, ParamCounts, Widths, ring_allreduce, ring_gather
 from trainer.models.registry import model_costs
@@ -42,7 +43,8 @@ from trainer.plan.xla import step_time as xla_step_time
 # Dtype widths in bytes. Mixed precision computes in 16 bits; "32-true" computes in fp32, which
 # the hardware spec counts against its bf16 peak.
 _WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
-_MIXED = ("bf16-mixed", "16-mixed")
+# fp8 / mxfp8 are bf16-mixed apart from the matmuls they convert (`trainer.plan.precision`).
+_MIXED = ("bf16-mixed", "16-mixed", "fp8", "mxfp8")
 _FP32_LOSS_BYTES = 4 + 4  # cross_entropy's fp32 log-softmax output, and its gradient
 # Activation checkpointing recomputes each block's forward during backward: one more forward on
 # top of forward + backward (2 + 4 FLOPs per weight and token), so 8/6 of the work.
@@ -82,10 +84,12 @@ class Estimate:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A mesh the planner considered, with its estimate. Equal when the dims are."""
+    """A mesh the planner considered, with its estimate and the trainer.precision it assumed
+    (auto's choice). Equal when the dims are."""
 
     dims: ParallelDims
     estimate: Estimate = field(compare=False)
+    precision: str = field(default="", compare=False)
 
     @property
     def feasible(self) -> bool:
@@ -96,7 +100,7 @@ class Candidate:
         return self.estimate.rejection
 
     def to_dict(self) -> dict:
-        return {**self.dims.to_dict(), **self.estimate.to_dict()}
+        return {**self.dims.to_dict(), **self.estimate.to_dict(), "precision": self.precision}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,12 +220,17 @@ def memory_breakdown(facts: RunFacts, dims: ParallelDims) -> dict[str, float]:
     activations = facts.costs.activation_bytes_per_token(
         w, tp=dims.tp, sequence_parallel=facts.run.parallelism.sequence_parallel,
         checkpointing=dims.activation_checkpointing)
+    # fp8 / mxfp8: the converted linears cast their own weights (no autocast copy), and with
+    # float8 all-gather FSDP gathers those in one byte (`trainer.plan.precision`)
+    autocast_copied = p.matmul_per_rank(sizes) - (
+        p.low_precision_per_rank(sizes) if lowp.low_precision(facts.run, dims) else 0.0)
+    gathered = p.largest_unit_bytes(sizes, lowp.gather_width(facts.run, dims, w))
     return {
         "params": local * w.master,
         "grads": local * w.master,
         "optimizer": 2 * local * w.master,
-        "autocast_weights": p.matmul_per_rank(sizes) * w.compute if w.autocast_copies else 0.0,
-        "fsdp_buffers": unit * (2 * w.gather + w.reduce) if dims.fsdp_size > 1 else 0.0,
+        "autocast_weights": autocast_copied * w.compute if w.autocast_copies else 0.0,
+        "fsdp_buffers": 2 * gathered + unit * w.reduce if dims.fsdp_size > 1 else 0.0,
         "ddp_buckets": local * w.reduce if dims.replicas_only else 0.0,
         "activations": dims.tokens_per_microbatch * activations,
         "logits": logits_bytes(facts, dims, w),
@@ -246,7 +255,10 @@ def step_time(facts: RunFacts, dims: ParallelDims, links: dict[str, Link]) -> di
 
     compute: the family's training FLOPs per token for the step's tokens, split evenly over all
         ranks, at plan.mfu of the rank's peak; x 8/6 with activation checkpointing (one more
-        forward pass).
+        forward pass). Under fp8 / mxfp8 the FLOPs of the matmuls the family converts run at
+        that format's peak (`trainer.plan.precision`).
+    casts: fp8 / mxfp8 only: casting the converted matmuls' operands, memory-bound
+        (`trainer.plan.precision.cast_seconds`); FSDP traffic hides behind it as behind compute.
     tp: tensor-parallel traffic (the family's `tp_bytes_per_token`) over the link tp spans,
         exposed: each collective sits between two matmuls that need its result.
     fsdp: per micro-batch, FSDP2 all-gathers every parameter for forward and again for backward
@@ -261,14 +273,19 @@ def step_time(facts: RunFacts, dims: ParallelDims, links: dict[str, Link]) -> di
     run, hw = facts.run, facts.hardware
     w = widths(run, dims)
     accumulation = dims.accumulation
-    flops = facts.costs.flops_per_token(run.data.seq_len) * dims.tokens_per_step / dims.world_size
-    if dims.activation_checkpointing:
-        flops *= _RECOMPUTE_FACTOR
-    compute = flops / (hw.peak_flops_per_rank() * run.plan.mfu)
+    passes = _RECOMPUTE_FACTOR if dims.activation_checkpointing else 1.0
+    tokens_per_rank = dims.tokens_per_step / dims.world_size * passes
+    flops = facts.costs.flops_per_token(run.data.seq_len) * tokens_per_rank
+    converted = lowp.converted_flops_per_token(facts.costs, run) * tokens_per_rank
+    compute = ((flops - converted) / hw.peak_flops_per_rank()
+               + converted / lowp.peak(hw, run)) / run.plan.mfu
+    casts = lowp.cast_seconds(facts.costs, run, dims,
+                              facts.params.low_precision_per_rank(dims.sizes), passes)
 
     local_params = facts.params.per_rank(dims.sizes)
+    gathered = facts.params.per_rank_bytes(dims.sizes, lowp.gather_width(run, dims, w))
     n_fsdp, n_rep = dims.fsdp_size, dims.dp_replicate
-    fsdp_bytes = accumulation * ring_gather(local_params * (2 * w.gather + w.reduce), n_fsdp)
+    fsdp_bytes = accumulation * ring_gather(2 * gathered + local_params * w.reduce, n_fsdp)
     replicate_bytes = ring_allreduce(local_params / n_fsdp * w.reduce, n_rep)
     tp_bytes = accumulation * dims.tokens_per_microbatch * facts.costs.tp_bytes_per_token(
         w, tp=dims.tp, checkpointing=dims.activation_checkpointing)
@@ -282,9 +299,9 @@ def step_time(facts: RunFacts, dims: ParallelDims, links: dict[str, Link]) -> di
     tp = seconds(tp_bytes, links["tp"])
     fsdp = seconds(fsdp_bytes, links["fsdp"])
     replicate = seconds(replicate_bytes, links["dp_replicate"])
-    exposed_dp = max(0.0, fsdp + replicate - run.plan.overlap * compute)
-    return {"compute": compute, "tp": tp, "fsdp": fsdp, "replicate": replicate,
-            "exposed_dp": exposed_dp, "step": compute + tp + exposed_dp}
+    exposed_dp = max(0.0, fsdp + replicate - run.plan.overlap * (compute + casts))
+    return {"compute": compute, "casts": casts, "tp": tp, "fsdp": fsdp, "replicate": replicate,
+            "exposed_dp": exposed_dp, "step": compute + casts + tp + exposed_dp}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +391,7 @@ def evaluate(facts: RunFacts, shape: tuple[int, ...], activation_checkpointing: 
     return Candidate(dims, Estimate(
         memory, times, links, tokens_per_s,
         mfu=model_flops / (facts.hardware.peak_flops_per_rank() * dims.world_size),
-        rejection=rejection))
+        rejection=rejection), precision=facts.run.trainer.precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +424,11 @@ def choose(run: RunConfig) -> Candidate:
     """The plan a run uses. With parallelism.name=auto: the best feasible candidate among those
     that keep every dim the user set (`constraints`); otherwise the explicit dims (one -1
     filled from the world size, unset dims 1), checked. Raises ConfigError naming the key to
-    change when no such plan can run; a refused explicit plan names the auto plan, if any fits."""
+    change when no such plan can run; a refused explicit plan names the auto plan, if any fits.
+    With trainer.precision=auto, the fastest of those plans over the precisions the hardware
+    trains with (`Candidate.precision` says which)."""
+    if run.trainer.precision == PRECISION_AUTO:
+        return _fastest_precision(run)
     facts = RunFacts.of(run)
     if run.parallelism.name == "auto":
         refusal = getattr(facts.costs, "auto_refusal", lambda: None)()
@@ -429,6 +450,29 @@ def choose(run: RunConfig) -> Candidate:
         best = min(unconstrained, key=preference)
         why += f"; {KEY.parallelism}=auto fits: {best.dims.describe()}"
     raise ConfigError(chosen.reason.key, chosen.reason.value, why)
+
+
+def _fastest_precision(run: RunConfig) -> Candidate:
+    """trainer.precision=auto: the plan of each precision `lowp.options` lists, the fastest
+    (the earlier option on a tie); the first option's refusal when none can run."""
+    found: list[tuple[int, Candidate]] = []
+    refusal: ConfigError | None = None
+    for order, precision in enumerate(lowp.options(run)):
+        try:
+            found.append((order, choose(lowp.with_precision(run, precision))))
+        except ConfigError as exc:
+            refusal = refusal or exc
+    if not found:
+        raise refusal  # type: ignore[misc]
+    return min(found, key=lambda item: (preference(item[1])[0], item[0]))[1]
+
+
+def resolve_precision(run: RunConfig) -> RunConfig:
+    """`run` with trainer.precision=auto replaced by the planner's choice (unchanged otherwise):
+    what the trainer, the validation and the comparison build from."""
+    if run.trainer.precision != PRECISION_AUTO:
+        return run
+    return lowp.with_precision(run, choose(run).precision)
 
 
 def constraints(run: RunConfig) -> dict[str, int]:

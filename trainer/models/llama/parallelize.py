@@ -26,6 +26,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from trainer.config import ParallelismConfig
+from trainer.models import low_precision as lp
 from trainer.models.llama.model import Transformer
 from trainer.models.parallel import (
     apply_activation_checkpointing,
@@ -40,12 +41,18 @@ if TYPE_CHECKING:
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh | None, dims: ParallelDims,
-                cfg: ParallelismConfig, *, backend: str | None = None) -> Transformer:
-    """Apply tensor parallel, compile, activation checkpointing and FSDP2 to `model` in place, as
-    `dims` says, over `mesh` (built from the same dims; None when they need none, where only
-    compile and activation checkpointing apply); returns `model`. `cfg` gives the switches the
-    dims do not own (sequence parallel, compile, FSDP dtypes); `backend` overrides the device
-    type's torch.compile backend."""
+                cfg: ParallelismConfig, *, backend: str | None = None,
+                low_precision: lp.LowPrecision | None = None) -> Transformer:
+    """Apply low precision, tensor parallel, compile, activation checkpointing and FSDP2 to
+    `model` in place, as `dims` says, over `mesh` (built from the same dims; None when they need
+    none, where only compile and activation checkpointing apply); returns `model`. `cfg` gives
+    the switches the dims do not own (sequence parallel, compile, FSDP dtypes); `backend`
+    overrides the device type's torch.compile backend; `low_precision` converts the block
+    projections the shape names (`LlamaArgs.low_precision_linears`) to fp8 / mxfp8 first."""
+    if low_precision is not None:
+        converted = set(model.args.low_precision_linears())
+        lp.convert(model, low_precision, lambda fqn: fqn.startswith("layers.")
+                   and fqn.split(".", 2)[2] in converted)
     if dims.tensor_parallel:
         apply_tensor_parallel(model, mesh["tp"], sequence_parallel=cfg.sequence_parallel)
         check_replicated(model, mesh["tp"])

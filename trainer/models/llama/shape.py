@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from trainer.config import KEY, ConfigError
 from trainer.models.family import ParamCounts, ParamGroup, Widths, ring_allreduce, ring_gather
 
+# fp8 / mxfp8 matmuls need both dims of a weight in multiples of 16 (torch._scaled_mm, as
+# torchao's float8 filter checks) and MXFP8 scales blocks of 32 along them (OCP MX spec 1.0;
+# NVIDIA Transformer Engine's MXFP8 page): 32 serves both.
+LOW_PRECISION_ALIGNMENT = 32
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -52,6 +57,45 @@ class LlamaArgs:
             raise ConfigError(KEY.model.n_kv_heads, self.n_kv_heads,
                               f"must divide {KEY.model.n_heads}={self.n_heads}")
 
+    # --- what trains in fp8 / mxfp8 ------------------------------------------------------------
+
+    def block_linears(self) -> dict[str, tuple[int, int, str]]:
+        """Each block's projections: name -> (in features, out features, how tensor parallel
+        splits it: "col" by output, "row" by input)."""
+        d, kv, f = self.dim, self.kv_dim, self.ffn_dim
+        return {"attention.wq": (d, d, "col"), "attention.wk": (d, kv, "col"),
+                "attention.wv": (d, kv, "col"), "attention.wo": (d, d, "row"),
+                "feed_forward.w1": (d, f, "col"), "feed_forward.w3": (d, f, "col"),
+                "feed_forward.w2": (f, d, "row")}
+
+    def low_precision_linears(self) -> tuple[str, ...]:
+        """The block projections that train in fp8 / mxfp8 (names inside a block): those whose
+        dims are multiples of LOW_PRECISION_ALIGNMENT. The output head stays bf16, as in
+        torchtitan's float8 recipes (docs/float8.md: filter_fqns = ["output"]): its logits feed
+        the loss directly; the embedding is a lookup and the norms are not matmuls."""
+        return tuple(name for name, (n_in, n_out, _) in self.block_linears().items()
+                     if n_in % LOW_PRECISION_ALIGNMENT == 0
+                     and n_out % LOW_PRECISION_ALIGNMENT == 0)
+
+    def low_precision_flops_per_token(self) -> float:
+        """6 x the converted weights per token (the PaLM count of `flops_per_token`)."""
+        return 6.0 * self.n_layers * self._converted_weights()
+
+    def low_precision_cast_elements_per_token(self, tp: int) -> float:
+        """Per token and rank: each converted projection casts its input and its output's
+        gradient; tensor parallel splits a column-parallel one's output and a row-parallel
+        one's input."""
+        linears = self.block_linears()
+        per_block = 0.0
+        for name in self.low_precision_linears():
+            n_in, n_out, style = linears[name]
+            per_block += n_in / tp + n_out if style == "row" else n_in + n_out / tp
+        return self.n_layers * per_block
+
+    def _converted_weights(self) -> int:
+        linears = self.block_linears()
+        return sum(linears[n][0] * linears[n][1] for n in self.low_precision_linears())
+
     # --- parameters and FLOPs --------------------------------------------------------------
 
     def param_counts(self) -> ParamCounts:
@@ -59,18 +103,23 @@ class LlamaArgs:
         matmul weight split by tp (wq/wk/wv/w1/w3 by output columns, wo/w2 by input rows, the head
         by vocabulary), the embedding table by vocabulary too (Megatron's vocab-parallel
         embedding), the RMSNorm weights whole. FSDP units as `parallelize` wraps them: each block,
-        the embedding, the final norm with the head. A tied table is counted once, as the head."""
+        the embedding, the final norm with the head. A tied table is counted once, as the head.
+        The block projections that train in fp8 / mxfp8 are a group of their own."""
         d, vocab_x_dim = self.dim, self.vocab_size * self.dim
         block_matmul = 2 * d * d + 2 * d * self.kv_dim + 3 * d * self.ffn_dim
+        converted = self._converted_weights()
         groups = [
-            ParamGroup("block", block_matmul, self.n_layers, split=("tp",), matmul=True),
+            ParamGroup("block", converted, self.n_layers, split=("tp",), matmul=True,
+                       low_precision=True),
+            ParamGroup("block", block_matmul - converted, self.n_layers, split=("tp",),
+                       matmul=True),
             ParamGroup("block", 2 * d, self.n_layers),
             ParamGroup("head", vocab_x_dim, split=("tp",), matmul=True),
             ParamGroup("head", d),
         ]
         if not self.tie_embeddings:
             groups.append(ParamGroup("embedding", vocab_x_dim, split=("tp",)))
-        return ParamCounts(tuple(groups))
+        return ParamCounts(tuple(g for g in groups if g.per_unit))
 
     def num_params(self, *, include_embedding: bool = True) -> int:
         """include_embedding=False leaves out the token-embedding table, a lookup that does no
