@@ -58,7 +58,7 @@ import trainer.fit
 from trainer.config import RunConfig, compose, validate
 from trainer.data.datamodule import TokenDataModule
 from trainer.data.sampler import Batch, TokenLoader
-from trainer.models.llama import ModelArgs, Transformer
+from trainer.models.registry import family_of, shape_of
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 # The framework may add at most this to a step: 3% on one process (issue 2), 2% on a sharded mesh
@@ -155,24 +155,23 @@ def run_hand_loop(run: RunConfig) -> Timing:
     process the plain model; on several, the plan's mesh and `parallelize()`, built on `meta` and
     initialised shard by shard as the module does."""
     start = time.perf_counter()
-    args = ModelArgs.from_config(run.model)
+    family, shape = family_of(run.model), shape_of(run.model)
     data = TokenDataModule(run.data, seed=run.seed)
     if run.world_size == 1:
-        model = Transformer(args)
-        model.init_weights(seed=run.seed)
+        model = family.build(shape)
+        family.init_weights(model, run.seed, "cpu")
         loader = data.train_dataloader()
     else:
         from trainer.mesh import build_mesh, data_parallel_rank
-        from trainer.models.parallelize import parallelize
-        from trainer.plan import plan
+        from trainer.plan import choose
 
-        mesh_plan = plan(run)
-        mesh = build_mesh(mesh_plan, "cpu")
+        dims = choose(run).dims
+        mesh = build_mesh(dims, "cpu")
         with torch.device("meta"):
-            model = Transformer(args)
-        parallelize(model, mesh, mesh_plan, run.parallelism, precision=run.trainer.precision)
+            model = family.build(shape)
+        family.parallelize(model, mesh, dims, run.parallelism)
         model.to_empty(device="cpu")
-        model.init_weights(seed=run.seed, buffer_device="cpu")
+        family.init_weights(model, run.seed, "cpu")
         replicas, rank = data_parallel_rank(mesh)
         loader = data._build_loader(rank, replicas)  # what the trainer's strategy asks for
     optimizer = build_optimizer(model, run.optim)

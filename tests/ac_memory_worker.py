@@ -19,7 +19,7 @@ import torch.distributed as dist
 from trainer.config import load
 from trainer.mesh import build_mesh
 from trainer.module import build_module, precision_plugin
-from trainer.plan import plan
+from trainer.plan import choose
 from trainer.validate_plan import _model_of, measure_step
 
 
@@ -30,10 +30,10 @@ def main() -> None:
     results = {}
     for checkpointing in (False, True):
         run = load([*overrides, f"parallelism.activation_checkpointing={checkpointing}"])
-        chosen = plan(run)
-        assert chosen.activation_checkpointing == checkpointing
-        module = build_module(run, chosen)
-        module._device_mesh = build_mesh(chosen, "cpu")  # as the mesh strategy hands it over
+        chosen = choose(run)
+        assert chosen.dims.activation_checkpointing == checkpointing
+        module = build_module(run, chosen.dims)
+        module._device_mesh = build_mesh(chosen.dims, "cpu")  # as the mesh strategy hands it
         precision = precision_plugin(run)
         with precision.module_init_context():
             module.configure_model()

@@ -254,3 +254,41 @@ def test_every_catalog_price_is_dated_and_placed():
     for name in ("trn1", "trn2", "trn2_ultraserver", "trn3_ultraserver", "trn3_ultraserver_64"):
         assert HardwareSpec.load(name).power_basis == "nf"
     assert HardwareSpec.load("trn3_ultraserver").price_per_node_hour is None
+
+
+# --- FP8 and MXFP8 (trainer.precision=fp8 / mxfp8 / auto) ----------------------------------------
+
+
+def test_fp8_calibration_lands_within_the_bf16_band():
+    """The published FP8 runs, planned in fp8, are no further off than the bf16 runs are; planned
+    in bf16, as before the planner knew fp8, they fall outside that band."""
+    from dataclasses import replace
+
+    from trainer.plan.calibration import calibrate, check
+
+    checks = calibrate([])
+    band = max(abs(c.error) for c in checks if c.published.precision == "bf16")
+    fp8 = [c for c in checks if c.published.precision == "fp8"]
+    assert len(fp8) >= 4 and {c.published.hardware for c in fp8} >= {"h100", "gb200_nvl72"}
+    for c in fp8:
+        assert abs(c.error) <= band, (c.published.label, c.error, band)
+    as_bf16 = [check(replace(c.published, overrides=(*c.published.overrides,
+                                                     "trainer.precision=bf16-mixed")), [])
+               for c in fp8]
+    assert max(abs(c.error) for c in as_bf16) > band
+
+
+def test_compare_ranks_each_hardware_in_the_best_precision_it_trains_with(tmp_path):
+    names = "hardware=h100,b200,gb200_nvl72,trn3_ultraserver"
+    auto = rows_by_name(compare_json(tmp_path, *LLAMA_70B, names, "chips=1152",
+                                     "trainer.precision=auto"))
+    bf16 = rows_by_name(compare_json(tmp_path, *LLAMA_70B, names, "chips=1152"))
+    assert auto["h100"]["precision"] == "fp8"  # Hopper: no MXFP8
+    assert auto["trn3_ultraserver"]["precision"] == "mxfp8"  # Trn3: MXFP8 only
+    assert {auto[n]["precision"] for n in ("b200", "gb200_nvl72")} <= {"fp8", "mxfp8"}
+    for name, row in auto.items():
+        assert bf16[name]["precision"] == "bf16-mixed"
+        assert row["tokens_per_s"] > 1.2 * bf16[name]["tokens_per_s"], name
+    # the calibration cell compares with the runs published in the precision chosen
+    assert auto["h100"]["calibration_error"].endswith("fp8)")
+    assert bf16["h100"]["calibration_error"].endswith("bf16)")

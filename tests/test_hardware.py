@@ -118,6 +118,24 @@ def test_peak_flops_per_rank(name: str, dtype: str, flops: float) -> None:
     assert HardwareSpec.load(name).peak_flops_per_rank(dtype) == pytest.approx(flops, rel=1e-3)
 
 
+@pytest.mark.parametrize(("name", "formats"), [
+    ("h100", ["fp8"]), ("h200", ["fp8"]),  # [T1] torchao float8 on Hopper; no MX instructions
+    ("b200", ["fp8", "mxfp8"]), ("gb200_nvl72", ["fp8", "mxfp8"]),  # [T2] MXFP8 on SM100
+    ("trn3_ultraserver", ["mxfp8"]),  # [N6] TorchAO Neuron: MXFP8, Trn3 only
+    ("trn2", []), ("trn2_ultraserver", []), ("trn1", []), ("cpu", []),
+])
+def test_low_precision_formats_each_stack_trains_with(name: str, formats: list[str]) -> None:
+    assert HardwareSpec.load(name).config.low_precision == formats
+
+
+@pytest.mark.parametrize(("name", "flops"), [
+    ("b200", 72e15 / 8 / 2),  # [V6] MXFP8 at the FP8 rate; [V3] 72 PFLOP/s FP8 sparse per 8
+    ("trn3_ultraserver", 2517e12 / 4),  # [N1] 2,517 TFLOP/s MXFP8 per chip, 4 ranks
+])
+def test_mxfp8_peak_per_rank(name: str, flops: float) -> None:
+    assert HardwareSpec.load(name).peak_flops_per_rank("mxfp8") == pytest.approx(flops, rel=1e-3)
+
+
 def test_trainium3_has_no_plain_fp8_peak() -> None:
     # [N1] publishes only the MXFP8/MXFP4 rate; crediting per-tensor FP8 with it would overstate.
     with pytest.raises(ValueError, match="fp8"):
@@ -166,8 +184,8 @@ def test_neuron_ranks_per_chip_follow_the_exported_lnc(name: str) -> None:
 
 
 FIGURES = ("chips_per_node", "nodes_per_domain", "memory_gib_per_chip", "memory_bw_gbs",
-           "peak_tflops_bf16", "peak_tflops_fp8", "intra_node_bw_gbs", "intra_domain_bw_gbs",
-           "efa_bw_gbps", "efa_interfaces")
+           "peak_tflops_bf16", "peak_tflops_fp8", "peak_tflops_mxfp8", "low_precision",
+           "intra_node_bw_gbs", "intra_domain_bw_gbs", "efa_bw_gbps", "efa_interfaces")
 
 
 @pytest.mark.parametrize("name", ACCELERATORS)

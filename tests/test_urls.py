@@ -1,4 +1,5 @@
-"""Every key that takes a URL answers the same four mistakes the same way: a bucket that does not
+"""Every key that takes a URL (data, pretrained weights, checkpoints, resume, tracking) answers
+the same four mistakes the same way: a bucket that does not
 exist, no credentials, an endpoint that does not answer, a scheme nobody knows. Each is run
 through `python -m trainer`'s own entry point (`trainer.train.main`), against a real S3 endpoint
 (moto_server), and must stop before Hydra starts: exit 2, one line naming the key, no `outputs/`.
@@ -21,6 +22,7 @@ S3_KEYS = {
     "checkpoint.dir": ("checkpoint.storage_options", lambda url: [f"checkpoint.dir={url}"]),
     "checkpoint.resume": ("checkpoint.storage_options",
                           lambda url: [f"checkpoint.resume={url}/step-00000001.ckpt"]),
+    "model.init_from": ("model.storage_options", lambda url: [f"model.init_from={url}"]),
 }
 # problem -> (bucket, endpoint: "moto" or "dead", no credentials?, what the line must say)
 PROBLEMS = {

@@ -20,20 +20,25 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 DEVICE_TYPES = ("cpu", "cuda", "neuron")
 BACKENDS = {"cpu": ("gloo",), "cuda": ("nccl", "gloo"), "neuron": ("neuron", "xla")}
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
+# Lightning's precisions, then the low-precision formats (matmuls through torchao, the rest as
+# bf16-mixed), then `auto`: the planner picks the fastest the hardware trains with.
+LOW_PRECISION_FORMATS = ("fp8", "mxfp8")
+PRECISION_AUTO = "auto"
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", *LOW_PRECISION_FORMATS,
+              PRECISION_AUTO)
+FP8_RECIPES = ("tensorwise", "rowwise")  # torchao's Float8LinearRecipeName values
 CLUSTER_KINDS = ("local", "slurm", "eks")
 EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
 # With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
-# (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
-# default 200-step run always had.
+# (trainer.max_steps=20) gets a short warmup instead of a refusal.
 WARMUP_FRACTION = 0.1
 EXIT_CONFIG_ERROR = 2
 
@@ -63,6 +68,11 @@ class HardwareConfig:
     memory_bw_gbs: float = MISSING  # device memory bandwidth per chip, GB/s
     peak_tflops_bf16: float = MISSING  # dense bf16 TFLOP/s per chip; MFU is measured against it
     peak_tflops_fp8: Optional[float] = None  # dense fp8 TFLOP/s per chip; null where unpublished
+    # dense MXFP8 (block-scaled fp8) TFLOP/s per chip; null where unpublished
+    peak_tflops_mxfp8: Optional[float] = None
+    # low-precision formats this hardware's software stack trains with (trainer.precision): fp8,
+    # mxfp8; [] for bf16 only. Each entry says where its list comes from.
+    low_precision: list[str] = field(default_factory=list)
     intra_node_bw_gbs: float = MISSING  # GB/s per chip, one direction, to chips of its node
     intra_domain_bw_gbs: float = MISSING  # GB/s per chip, one direction, to its domain's nodes
     efa_bw_gbps: float = 0.0  # Gbit/s per node over EFA, the inter-domain link
@@ -84,14 +94,21 @@ class HardwareConfig:
 
 @dataclass
 class ModelConfig:
-    """The reference decoder's shape (presets in `configs/model/`), or a user's LightningModule.
+    """The model: a family's shape (presets in `configs/model/`), or a user's LightningModule.
 
-    `_target_` names the LightningModule class. The default builds the reference decoder from the
-    shape keys; any other class is instantiated with `kwargs` and nothing else.
+    `family` picks the model family (`trainer/models/registry.py`), which reads the shape keys it
+    knows and checks them. `_target_` names the LightningModule class: the default builds the
+    family's model from the shape; any other class is instantiated with `kwargs` and nothing else.
     """
 
     _target_: str = "trainer.module.LanguageModel"  # dotted path of the LightningModule class
+    family: str = "llama"  # the model family: llama
     name: str = "tiny"  # the preset; part of the default MLflow run name
+    # Hugging Face checkpoint to start from: a directory or fsspec URL (s3://...) holding
+    # config.json and *.safetensors; its config must match the shape keys. null: random init.
+    init_from: Optional[str] = None
+    # fsspec options of `init_from`, e.g. endpoint_url for an S3-compatible store
+    storage_options: dict[str, Any] = field(default_factory=dict)
     dim: int = 256  # width of the residual stream (hidden size)
     n_layers: int = 4  # transformer blocks
     n_heads: int = 8  # attention (query) heads; dim / n_heads is the head size
@@ -102,7 +119,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
     norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = False  # the output head shares the token embedding's weights
-    # keyword arguments for a user's `_target_` class (the reference decoder ignores them)
+    # keyword arguments for a user's `_target_` class (a family's model ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -119,6 +136,10 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
     # fsspec options for `path`, e.g. endpoint_url for an S3-compatible store
     storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+# The mesh's dims, outermost first: ranks are laid out row-major over them, so tp varies fastest.
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -248,7 +269,12 @@ class TrainerConfig:
     max_steps: int = 200  # optimizer steps to train; the LR schedule ends here
     # ranks per node; null: the hardware's (chips_per_node x ranks_per_chip), 1 on cpu
     devices: Optional[int] = None
-    precision: str = "32-true"  # Lightning precision: parameters and autocast dtype
+    # Lightning precision (32-true, bf16-mixed, bf16-true, 16-mixed), a low-precision format
+    # (fp8, mxfp8: the family's linears through torchao, the rest as bf16-mixed; the hardware
+    # must list it in hardware.low_precision, and cpu runs torchao's emulation), or auto: the
+    # fastest the planner finds among bf16-mixed and the hardware's formats
+    precision: str = "32-true"
+    fp8_recipe: str = "tensorwise"  # scaling of trainer.precision=fp8: tensorwise | rowwise
     log_every_n_steps: int = 10  # a progress line and a metrics point every N steps
     progress_bar: bool = True  # progress (loss, tok/s, MFU): a bar on a terminal, else log lines
 
@@ -278,6 +304,32 @@ class PlanConfig:
     memory_headroom: float = 0.9  # plans may use this fraction of a rank's memory
 
 
+# The XLA path (trainer/xla/): torch-neuronx's PyTorch/XLA for Trn1 and Neuron SDKs up to 2.29,
+# and XLA's CPU device for tests. `auto` takes it where hardware.backend is xla.
+STRATEGIES = ("auto", "xla")
+XLA_PRECISIONS = ("32-true", "bf16-true")  # XLA casts the weights; no autocast on this path
+
+
+@dataclass
+class StrategyConfig:
+    """How the ranks train (`configs/strategy/`; docs/hardware/trainium-xla.md). `auto`: the
+    hardware's own path, a device mesh (cpu, cuda, TorchNeuron), or PyTorch/XLA where
+    hardware.backend is xla (trn1). `xla`: PyTorch/XLA on the hardware's PJRT device (NEURON on
+    Trainium, CPU on cpu). The other keys apply to the XLA path only."""
+
+    name: str = "auto"  # auto | xla
+    # NEURON_CC_FLAGS: neuronx-cc options (AWS's Trn1 training recipes pass this model type)
+    neuron_cc_flags: str = "--model-type=transformer"
+    # NEURON_COMPILE_CACHE_URL: compiled graphs shared by every node and run (path or s3:// URL);
+    # null: the Neuron default, /var/tmp/neuron-compile-cache on each node
+    compile_cache: Optional[str] = None
+    # NEURON_RT_STOCHASTIC_ROUNDING_EN under trainer.precision=bf16-true (bf16 weights)
+    stochastic_rounding: bool = True
+    # the SLURM and EKS launchers run `neuron_parallel_compile` for this many steps before
+    # training, filling the compile cache (0: none; graphs compile as training meets them)
+    parallel_compile_steps: int = 0
+
+
 @dataclass
 class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -291,6 +343,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
@@ -306,8 +359,15 @@ class RunConfig:
         return self.cluster.nodes * self.ranks_per_node
 
     @property
-    def uses_reference_model(self) -> bool:
+    def uses_family_model(self) -> bool:
+        """The model is the family's (the default `_target_`), not a user's own module."""
         return self.model._target_ == ModelConfig._target_
+
+    @property
+    def uses_xla(self) -> bool:
+        """PyTorch/XLA trains this run: strategy=xla, or auto on hardware whose backend is xla."""
+        return self.strategy.name == "xla" or (self.strategy.name == "auto"
+                                               and self.hardware.backend == "xla")
 
 
 class Key(str):
@@ -334,7 +394,7 @@ KEY = _keys(RunConfig)
 
 
 # Free-form option dicts: `group.storage_options.endpoint_url=...` adds a key without a `+`.
-OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options")
+OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options", "model.storage_options")
 
 
 def register_schema() -> None:
@@ -353,7 +413,42 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    for key, (group, option) in mandatory_keys(choices).items():
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(key, "???", f"{group}={option} needs it: give {key}=...")
+    return cfg
+
+
+def mandatory_keys(choices: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """{key: (group, option)} for each value a chosen option marks `???` (Hydra's mandatory
+    value). OmegaConf keeps a default when `???` is merged over it, so a recipe's `???` would
+    otherwise become the schema's null without a word."""
+    found: dict[str, tuple[str, str]] = {}
+    for group, option in choices.items():
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if option is None or group.startswith("hydra") or not path.is_file():
+            continue
+        text = path.read_text()
+        prefix = "" if "@package _global_" in text.split("\n", 1)[0] else f"{group}."
+        for key in _missing_leaves(OmegaConf.create(text)):
+            found[prefix + key] = (group, option)
+    return found
+
+
+def _missing_leaves(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        if key == "defaults":
+            continue
+        if OmegaConf.is_missing(node, key):
+            keys.append(f"{prefix}{key}")
+        elif isinstance(node[key], DictConfig):
+            keys += _missing_leaves(node[key], f"{prefix}{key}.")
+    return keys
 
 
 def load(overrides: Sequence[str] = ()) -> RunConfig:
@@ -403,7 +498,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
-                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan):
+                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan,
+                  _check_strategy):
         check(run)
     return run
 
@@ -442,23 +538,22 @@ def _check_hardware(run: RunConfig) -> None:
     for key in ("power_w", "node_power_w", "price_per_hour"):
         if getattr(hw, key) is not None:
             _positive(f"hardware.{key}", getattr(hw, key))
+    for fmt in hw.low_precision:
+        _one_of("hardware.low_precision", fmt, LOW_PRECISION_FORMATS)
+        if getattr(hw, f"peak_tflops_{fmt}") is None:
+            raise ConfigError("hardware.low_precision", fmt,
+                              f"the planner needs its peak: set hardware.peak_tflops_{fmt}")
 
 
 def _check_model(run: RunConfig) -> None:
-    if not run.uses_reference_model:
+    """A user's module must be importable; a family checks its own shape keys when the planner
+    asks it (`trainer.models.registry.model_costs`), so this module needs no family."""
+    if not run.uses_family_model:
         _check_user_module(run.model._target_)
-        return
-    m = run.model
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.n_heads:
-        raise ConfigError("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError("model.dim", m.dim,
-                          "dim / n_heads must be even (rotary embeddings rotate pairs)")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError("model.n_kv_heads", m.n_kv_heads,
-                          f"must divide model.n_heads={m.n_heads}")
+        if run.model.init_from:
+            raise ConfigError("model.init_from", run.model.init_from,
+                              f"loads a model family's weights; model._target_="
+                              f"{run.model._target_} is a module of your own, which loads its own")
 
 
 def _check_user_module(target: str) -> None:
@@ -478,12 +573,11 @@ def _check_data(run: RunConfig) -> None:
     _positive("data.micro_batch_size", d.micro_batch_size)
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", d.num_workers, "must be 0 or more")
-    if run.uses_reference_model and d.seq_len > run.model.max_seq_len:
+    if run.uses_family_model and d.seq_len > run.model.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len,
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
 
 
-MESH_DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "tp")
 FSDP_DTYPES = ("float32", "bfloat16")
 
 
@@ -492,7 +586,7 @@ def _check_parallelism(run: RunConfig) -> None:
     shape against the world size, the model and the hardware is the planner's to check."""
     p = run.parallelism
     filled = []
-    for name in MESH_DIM_KEYS:
+    for name in MESH_DIMS:
         size = getattr(p, name)
         if size is None:
             continue
@@ -503,8 +597,6 @@ def _check_parallelism(run: RunConfig) -> None:
     if len(filled) > 1:
         raise ConfigError(f"parallelism.{filled[1]}", -1,
                           f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    if p.cp not in (None, 1, -1):
-        raise ConfigError("parallelism.cp", p.cp, "context parallel is not implemented yet; use 1")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:
@@ -550,8 +642,30 @@ def _check_trainer(run: RunConfig) -> None:
     if run.hardware.device_type == "cpu" and t.precision == "16-mixed":
         raise ConfigError("trainer.precision", t.precision,
                           "fp16 needs an accelerator; on cpu use 32-true or bf16-mixed")
+    _check_low_precision(run)
     if run.data.global_batch_size is not None:
         _positive("data.global_batch_size", run.data.global_batch_size)
+
+
+def _check_low_precision(run: RunConfig) -> None:
+    """fp8 / mxfp8 only where the hardware's stack trains with it (cpu: torchao's emulation, for
+    tests), and only for a model family, whose `parallelize` converts its linears."""
+    t, hw = run.trainer, run.hardware
+    _one_of("trainer.fp8_recipe", t.fp8_recipe, FP8_RECIPES)
+    if t.precision not in (*LOW_PRECISION_FORMATS, PRECISION_AUTO):
+        return
+    if not run.uses_family_model:
+        raise ConfigError("trainer.precision", t.precision,
+                          "converts a model family's linears; a module of your own "
+                          f"(model._target_={run.model._target_}) picks its own precision: use "
+                          "32-true, bf16-mixed, bf16-true or 16-mixed")
+    if t.precision == PRECISION_AUTO or hw.device_type == "cpu":
+        return
+    if t.precision not in hw.low_precision:
+        formats = ", ".join(hw.low_precision) or "none (bf16 only)"
+        raise ConfigError("trainer.precision", t.precision,
+                          f"{hw.name} does not train in {t.precision}; its stack trains with: "
+                          f"{formats} (hardware.low_precision); use bf16-mixed or auto")
 
 
 def _check_checkpoint(run: RunConfig) -> None:
@@ -625,3 +739,16 @@ def _check_plan(run: RunConfig) -> None:
         raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
     if p.pue < 1:
         raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")
+
+
+def _check_strategy(run: RunConfig) -> None:
+    s = run.strategy
+    _one_of("strategy.name", s.name, STRATEGIES)
+    if s.parallel_compile_steps < 0:
+        raise ConfigError("strategy.parallel_compile_steps", s.parallel_compile_steps,
+                          "must be 0 (no compile pass) or more")
+    if run.uses_xla and run.trainer.precision not in XLA_PRECISIONS:
+        raise ConfigError("trainer.precision", run.trainer.precision,
+                          f"the XLA path (strategy={s.name}, hardware={run.hardware.name}) "
+                          f"takes {' or '.join(XLA_PRECISIONS)}: bf16 weights with stochastic "
+                          "rounding stand in for mixed precision there")

@@ -67,8 +67,10 @@ class HardwareSpec:
         return self.config.memory_gib_per_chip * GIB / self.config.ranks_per_chip
 
     def peak_flops_per_rank(self, dtype: str = "bf16") -> float:
-        """Dense peak FLOP/s of one rank; fp32 work is counted against the bf16 peak."""
-        tflops = self.config.peak_tflops_fp8 if dtype == "fp8" else self.config.peak_tflops_bf16
+        """Dense peak FLOP/s of one rank in bf16, fp8 or mxfp8; fp32 work is counted against the
+        bf16 peak."""
+        tflops = {"fp8": self.config.peak_tflops_fp8, "mxfp8": self.config.peak_tflops_mxfp8
+                  }.get(dtype, self.config.peak_tflops_bf16)
         if tflops is None:
             raise ValueError(f"{self.name}: no published dense {dtype} peak")
         return tflops * 1e12 / self.config.ranks_per_chip

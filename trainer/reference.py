@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 
 from trainer.config import CONFIG_DIR, RunConfig, compose
+from trainer.models.registry import FAMILIES
 
 OUTPUT = CONFIG_DIR.parent / "docs" / "reference" / "configuration.md"
 # Hydra's own groups (help text, logging) are not keys of a run.
@@ -142,6 +143,12 @@ def _keys_of(expr: ast.expr, parents: list[ast.AST]) -> list[str]:
             parts.insert(0, expr.attr)
             expr = expr.value
         return [".".join(parts)] if isinstance(expr, ast.Name) and expr.id == "KEY" else []
+    if (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)
+            and expr.func.id == "getattr" and len(expr.args) == 2
+            and isinstance(expr.args[1], ast.Name)):  # getattr(KEY.model, key) over a loop
+        heads = _keys_of(expr.args[0], parents)
+        values = _loop_values(parents, expr.args[1].id) or []
+        return [f"{head}.{v}" for head in heads for v in values]
     if isinstance(expr, ast.JoinedStr) and len(expr.values) == 2:
         head, tail = expr.values
         if (isinstance(head, ast.Constant) and isinstance(tail, ast.FormattedValue)
@@ -307,7 +314,10 @@ def keys() -> list[Key]:
     sections = list(_sections(RunConfig))
     allowed: dict[str, list[str]] = {}
     # the schema's module, and preflight's checks that need facts from outside the config
-    for module in dict.fromkeys([*(cls.__module__ for _, cls in sections), "trainer.preflight"]):
+    # and each model family's shape checks
+    families = [family.shape.__module__ for family in FAMILIES.values()]
+    for module in dict.fromkeys([*(cls.__module__ for _, cls in sections), "trainer.preflight",
+                                 *families]):
         for key, texts in allowed_values(module).items():
             allowed.setdefault(key, []).extend(t for t in texts if t not in allowed.get(key, []))
     result = []

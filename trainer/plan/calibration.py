@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import load
-from trainer.models.shape import ModelArgs, flops_per_token
+from trainer.plan.dims import ParallelDims
 from trainer.plan.planner import RunFacts, evaluate
 from trainer.plan.published import PUBLISHED, Published
 
@@ -34,7 +34,7 @@ class Check:
     def to_dict(self) -> dict[str, Any]:
         p = self.published
         return {"label": p.label, "hardware": p.hardware, "source": p.source,
-                "chips": self.chips, "mesh": "x".join(map(str, p.dims)),
+                "chips": self.chips, "mesh": ParallelDims.of(p.dims).mesh_str,
                 "activation_checkpointing": p.activation_checkpointing,
                 "precision": p.precision, "published_tokens_per_s_per_chip":
                 p.tokens_per_s_per_chip, "estimate_tokens_per_s_per_chip":
@@ -48,14 +48,14 @@ def check(entry: Published, assumptions: list[str]) -> Check:
     run = load([*entry.overrides, f"cluster.nodes={entry.nodes}", "tracking=none",
                 *assumptions])
     facts = RunFacts.of(run)
-    estimate = evaluate(facts, entry.dims, entry.activation_checkpointing)
+    candidate = evaluate(facts, ParallelDims.of(entry.dims).shape, entry.activation_checkpointing)
     ranks_per_chip = run.hardware.ranks_per_chip
     chips = run.world_size // ranks_per_chip
-    per_chip = estimate.tokens_per_s / chips
-    model_flops = flops_per_token(ModelArgs.from_config(run.model), run.data.seq_len)
+    per_chip = candidate.estimate.tokens_per_s / chips
+    model_flops = facts.costs.flops_per_token(run.data.seq_len)
     implied = entry.tokens_per_s_per_chip * model_flops / (run.hardware.peak_tflops_bf16 * 1e12)
     return Check(entry, chips, per_chip, implied,
-                 str(estimate.reason) if estimate.reason else None)
+                 str(candidate.reason) if candidate.reason else None)
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,14 +68,20 @@ def calibrate(assumptions: list[str]) -> list[Check]:
     return list(_calibrate(tuple(assumptions)))
 
 
-def summary(checks: list[Check], hardware: str) -> str:
-    """One cell for the comparison table: the mean error of the bf16 figures on `hardware`, else
-    of its FP8 figures (labelled), else that none is published."""
+def summary(checks: list[Check], hardware: str, precision: str = "bf16") -> str:
+    """One cell for the comparison table: the mean error of the figures published on `hardware`
+    in the row's `precision` ("bf16", "fp8" or "mxfp8"), else of those in another precision
+    (labelled), else that none is published."""
     mine = [c for c in checks if c.published.hardware == hardware]
-    bf16 = [c.error for c in mine if c.published.precision == "bf16"]
-    if bf16:
-        return f"{sum(bf16) / len(bf16):+.0%} ({len(bf16)} bf16)"
-    fp8 = [c.error for c in mine if c.published.precision == "fp8"]
-    if fp8:
-        return f"{sum(fp8) / len(fp8):+.0%} (vs fp8)"
+    same = [c.error for c in mine if c.published.precision == precision]
+    if same:
+        return f"{sum(same) / len(same):+.0%} ({len(same)} {precision})"
+    for other in sorted({c.published.precision for c in mine}):
+        errors = [c.error for c in mine if c.published.precision == other]
+        return f"{sum(errors) / len(errors):+.0%} (vs {other})"
     return "none published"
+
+
+def precision_kind(precision: str) -> str:
+    """How published figures name a trainer.precision: bf16 for the 16-bit ones."""
+    return precision if precision in ("fp8", "mxfp8") else "bf16"

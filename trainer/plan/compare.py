@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import trainer.plan.precision as lowp
 from trainer.config import CONFIG_ERRORS, ConfigError, RunConfig, describe, load
 from trainer.hardware import HardwareSpec, catalog
-from trainer.models.shape import ModelArgs, flops_per_token
-from trainer.plan.calibration import Check, calibrate, summary
-from trainer.plan.planner import MeshPlan, plan
+from trainer.models.registry import model_costs
+from trainer.plan.calibration import Check, calibrate, precision_kind, summary
+from trainer.plan.dims import ParallelDims
+from trainer.plan.planner import Candidate, choose
 
 USAGE = """\
 usage: python -m trainer.plan compare tokens=N [hardware=A,B,...]
@@ -57,6 +59,8 @@ MWh and per dollar. Figures that are not published show as nf.
   --output F     also write the comparison as JSON (F.json) or CSV (F.csv)
   --chart F      draw days vs cost, one point per hardware, as a PNG
   plan.pue=X plan.mfu=X plan.overlap=X plan.link_efficiency=X   the model's assumptions
+  trainer.precision=auto   each hardware in the fastest precision its stack trains with
+                 (bf16-mixed, fp8, mxfp8: hardware.low_precision); or fp8 / mxfp8 where listed
 
 Any other argument is a Hydra override, as for `python -m trainer`; the comparison starts from
 parallelism=auto data.seq_len=8192 data.micro_batch_size=1 trainer.precision=bf16-mixed
@@ -73,6 +77,9 @@ DEFAULT_HARDWARE = ("trn2_ultraserver", "trn3_ultraserver", "h100", "h200", "b20
 # What large runs use: one 8k sequence per rank, bf16 compute, FSDP gathering bf16 weights.
 PRESET = ("parallelism=auto", "data.seq_len=8192", "data.micro_batch_size=1",
           "trainer.precision=bf16-mixed", "parallelism.param_dtype=bfloat16")
+# PyTorch/XLA (trn1's path) has no autocast: its 16-bit training keeps bf16 weights
+# (trainer.config.XLA_PRECISIONS), so that is what its row of the bf16 comparison plans.
+XLA_PRESET = ("trainer.precision=bf16-true",)
 # Llama 3 405B was trained on up to 16K H100 GPUs (Llama 3 paper, arXiv 2407.21783, sec. 3.3):
 # the largest fleet a published run of this model family used.
 MAX_CHIPS = 16384
@@ -222,10 +229,10 @@ def node_grid(nodes_per_domain: int, max_nodes: int) -> list[int]:
     return sorted(n for n in counts if n <= max_nodes)
 
 
-def _at(run: RunConfig, nodes: int) -> tuple[MeshPlan | None, str | None]:
+def _at(run: RunConfig, nodes: int) -> tuple[Candidate | None, str | None]:
     sized = replace(run, cluster=replace(run.cluster, nodes=nodes))
     try:
-        return plan(sized), None
+        return choose(sized), None
     except ConfigError as exc:
         return None, str(exc)
 
@@ -247,7 +254,7 @@ class Row:
     calibration: str
     vendor_claims: list[str]
     nodes: int | None = None
-    plan: MeshPlan | None = None
+    chosen: Candidate | None = None
     figures: JobFigures | None = None
     reason: str | None = None
 
@@ -257,16 +264,24 @@ class Row:
 
     @property
     def tokens_per_s(self) -> float | None:
-        return None if self.plan is None else self.plan.tokens_per_s
+        return None if self.chosen is None else self.chosen.estimate.tokens_per_s
+
+    @property
+    def precision(self) -> str | None:
+        """The trainer.precision the plan assumed (auto's choice)."""
+        return None if self.chosen is None else self.chosen.precision
 
     def to_dict(self, tokens: float) -> dict[str, Any]:
         f = self.figures
         return {
             "hardware": self.hardware, "instance_type": self.instance_type,
             "nodes": self.nodes, "chips": self.chips,
-            "mesh": self.plan.mesh_str if self.plan else None,
-            "activation_checkpointing": self.plan.activation_checkpointing if self.plan else None,
-            "mfu_assumed": self.mfu_assumed, "mfu": self.plan.mfu if self.plan else None,
+            "mesh": self.chosen.dims.mesh_str if self.chosen else None,
+            "precision": self.precision,
+            "activation_checkpointing": (self.chosen.dims.activation_checkpointing
+                                         if self.chosen else None),
+            "mfu_assumed": self.mfu_assumed,
+            "mfu": self.chosen.estimate.mfu if self.chosen else None,
             "tokens_per_s": self.tokens_per_s,
             "days": f.days if f else None, "chip_hours": f.chip_hours if f else None,
             "energy_mwh": f.energy_mwh if f else None, "cost_usd": f.cost_usd if f else None,
@@ -280,16 +295,18 @@ class Row:
 
 
 def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
-    run = load([*PRESET, f"hardware={name}", *request.overrides,
+    xla = HardwareSpec.load(name).config.backend == "xla"
+    run = load([*PRESET, *(XLA_PRESET if xla else ()), f"hardware={name}", *request.overrides,
                 *request.per_hardware.get(name, ())])
     hw = HardwareSpec(run.hardware)
     c = run.hardware
     row = Row(name, c.instance_type, c.chips_per_node, run.plan.mfu,
               c.power_w, hw.node_power_w, hw.power_basis, hw.price_per_node_hour, c.price_date,
-              c.price_region, summary(checks, name), list(c.vendor_claims))
+              c.price_region, summary(checks, name, precision_kind(run.trainer.precision)),
+              list(c.vendor_claims))
 
-    def figures(p: MeshPlan, nodes: int) -> JobFigures:
-        return job_figures(request.tokens, p.tokens_per_s, nodes, c.chips_per_node,
+    def figures(p: Candidate, nodes: int) -> JobFigures:
+        return job_figures(request.tokens, p.estimate.tokens_per_s, nodes, c.chips_per_node,
                            hw.node_power_w, run.plan.pue, hw.price_per_node_hour)
 
     if request.chips is not None:
@@ -298,7 +315,7 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
         if found is None:
             row.reason = f"no plan at {nodes * c.chips_per_node} chips: {why}"
             return row
-        row.nodes, row.plan, row.figures = nodes, found, figures(found, nodes)
+        row.nodes, row.chosen, row.figures = nodes, found, figures(found, nodes)
         return row
     if request.budget is not None and hw.price_per_node_hour is None:
         row.reason = (f"budget needs a price; {name}'s is nf (set "
@@ -307,9 +324,10 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
     grid = node_grid(c.nodes_per_domain, max(1, request.max_chips // c.chips_per_node))
     # No plan beats every rank computing at plan.mfu of its peak with nothing else to do: fleets
     # below that bound cannot meet a deadline, and no fleet can be cheaper than it.
-    args = ModelArgs.from_config(run.model)
-    ceiling = (hw.peak_flops_per_rank() * hw.ranks_per_node * run.plan.mfu
-               / flops_per_token(args, run.data.seq_len))  # tokens/s per node
+    # (at the fastest peak of any precision it may use: an upper bound)
+    fastest = max(lowp.peak(hw, lowp.with_precision(run, p)) for p in lowp.options(run))
+    ceiling = (fastest * hw.ranks_per_node * run.plan.mfu
+               / model_costs(run).flops_per_token(run.data.seq_len))  # tokens/s per node
     if request.days is not None:
         fewest = request.tokens / (request.days * SECONDS_PER_DAY * ceiling)
         grid = [n for n in grid if n >= math.floor(fewest)] or grid[-1:]
@@ -320,8 +338,8 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
                           f"{run.plan.mfu:g} with no communication the job costs "
                           f"${floor:,.0f}")
             return row
-    best: tuple[int, MeshPlan, JobFigures] | None = None  # fastest seen, for the reason
-    cheapest: tuple[int, MeshPlan, JobFigures] | None = None
+    best: tuple[int, Candidate, JobFigures] | None = None  # fastest seen, for the reason
+    cheapest: tuple[int, Candidate, JobFigures] | None = None
     last_why = None
     for nodes in grid:
         found, why = _at(run, nodes)
@@ -330,10 +348,10 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
             continue
         fig = figures(found, nodes)
         if request.days is None and request.budget is None:
-            row.nodes, row.plan, row.figures = nodes, found, fig
+            row.nodes, row.chosen, row.figures = nodes, found, fig
             return row
         if request.days is not None and fig.days <= request.days:
-            row.nodes, row.plan, row.figures = nodes, found, fig
+            row.nodes, row.chosen, row.figures = nodes, found, fig
             return row
         if request.budget is not None and fig.cost_usd is not None:
             if cheapest is None or fig.cost_usd < cheapest[2].cost_usd:  # type: ignore[operator]
@@ -345,7 +363,7 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
     limit = f"up to {request.max_chips} chips"
     if request.budget is not None:
         if best is not None:
-            row.nodes, row.plan, row.figures = best
+            row.nodes, row.chosen, row.figures = best
         elif cheapest is not None:
             row.reason = (f"budget={request.budget:,.0f} buys no plan: the cheapest is "
                           f"${cheapest[2].cost_usd:,.0f} at {cheapest[0] * c.chips_per_node} "
@@ -364,7 +382,11 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
 def compare(request: Request) -> tuple[list[Row], list[Check]]:
     assumptions = [o for o in request.overrides if o.startswith("plan.")]
     checks = calibrate(assumptions)
-    return [compare_one(request, name, checks) for name in request.hardware], checks
+    rows = [compare_one(request, name, checks) for name in request.hardware]
+    for row in rows:  # against the figures published in the precision the plan chose
+        if row.precision is not None:
+            row.calibration = summary(checks, row.hardware, precision_kind(row.precision))
+    return rows, checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,17 +418,20 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
     title = (f"{run_label}, {request.tokens:.3g} tokens; fleet: {request.mode}; energy = node "
              f"power x time x PUE {pue:g} (plan.pue)")
     table = Table(title=title, title_justify="left")
-    for header in ("hardware", "chips", "mesh, AC", "MFU", "tokens/s", "days", "chip-hours",
-                   "MWh", "cost $", "tokens/MWh", "tokens/$", "calib. err"):
-        table.add_column(header, justify="left" if header in ("hardware", "mesh, AC") else "right")
+    for header in ("hardware", "chips", "mesh, AC", "precision", "MFU", "tokens/s", "days",
+                   "chip-hours", "MWh", "cost $", "tokens/MWh", "tokens/$", "calib. err"):
+        table.add_column(header, justify="left" if header in ("hardware", "mesh, AC",
+                                                               "precision") else "right")
     for r in rows:
         f = r.figures
-        if r.plan is None or f is None:
-            table.add_row(r.hardware, "", "no plan (below)", f"{r.mfu_assumed:.0%}", "", "", "",
-                          "", "", "", "", r.calibration)
+        if r.chosen is None or f is None:
+            table.add_row(r.hardware, "", "no plan (below)", "", f"{r.mfu_assumed:.0%}", "", "",
+                          "", "", "", "", "", r.calibration)
             continue
-        mesh = f"{r.plan.mesh_str}, {'on' if r.plan.activation_checkpointing else 'off'}"
-        table.add_row(r.hardware, f"{r.chips:,}", mesh, f"{r.plan.mfu:.1%}",
+        dims = r.chosen.dims
+        mesh = f"{dims.mesh_str}, {'on' if dims.activation_checkpointing else 'off'}"
+        table.add_row(r.hardware, f"{r.chips:,}", mesh, r.precision or "",
+                      f"{r.chosen.estimate.mfu:.1%}",
                       _si(r.tokens_per_s), f"{f.days:,.1f}", _si(f.chip_hours),
                       _fmt(f.energy_mwh, ",.0f"), _fmt(f.cost_usd, ",.0f", "$"),
                       _si(request.tokens / f.energy_mwh) if f.energy_mwh else NF,
@@ -417,8 +442,10 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
             console.print(f"{r.hardware}: {r.reason}")
     assumed = rows[0].mfu_assumed if rows else math.nan
     console.print(f"MFU: the plan's model FLOPs over dense bf16 peak, assuming plan.mfu="
-                  f"{assumed:g} (less with activation checkpointing's recompute); mesh "
-                  f"dp_replicate x dp_shard x cp x tp in ranks.")
+                  f"{assumed:g} of each format's peak (less with activation checkpointing's "
+                  f"recompute; fp8 / mxfp8 matmuls can take it past plan.mfu); mesh "
+                  f"dp_replicate x dp_shard x cp x tp in ranks; precision: what the plan "
+                  f"assumed (trainer.precision=auto: the fastest the hardware trains with).")
 
     sources = Table(title="power and price (configs/hardware/*.yaml, each with its source)",
                     title_justify="left")
@@ -447,7 +474,8 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
     for c in checks:
         p = c.published
         ac = "on" if p.activation_checkpointing else "off"
-        calib.add_row(p.label, p.hardware, f"{c.chips:,}", f"{'x'.join(map(str, p.dims))}, {ac}",
+        mesh = ParallelDims.of(p.dims).mesh_str
+        calib.add_row(p.label, p.hardware, f"{c.chips:,}", f"{mesh}, {ac}",
                       p.precision, f"{p.tokens_per_s_per_chip:,.0f}",
                       f"{c.estimate_per_chip:,.0f}", f"{c.error:+.1%}", f"{c.implied_mfu:.1%}")
     console.print(calib)
@@ -530,7 +558,7 @@ def main(args: Sequence[str]) -> int:
     except CONFIG_ERRORS as exc:
         print(f"config error: {describe(exc)}", file=sys.stderr)
         return 2
-    if all(r.plan is None for r in rows):
+    if all(r.chosen is None for r in rows):
         print(f"config error: {request.mode}: no plan on any of {', '.join(request.hardware)}; "
               f"{rows[0].hardware}: {rows[0].reason}", file=sys.stderr)
         return 2
@@ -560,6 +588,7 @@ def _log(base: RunConfig, request: Request, rows: list[Row], doc: dict[str, Any]
 
     params = {"tokens": f"{request.tokens:g}", "hardware": ",".join(request.hardware),
               "fleet": request.mode, "model": base.model.name,
+              **{f"{r.hardware}.precision": r.precision for r in rows if r.precision},
               **{f"plan.{k}": str(v) for k, v in doc["assumptions"].items()
                  if k in ("mfu", "overlap", "link_efficiency", "pue")}}
     metrics = {f"{row['hardware']}.{key}": row[key] for row in doc["rows"]

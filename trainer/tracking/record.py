@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from trainer.models.low_precision import describe as describe_precision
+from trainer.plan.dims import ParallelDims
 from trainer.tracking.redact import Redactor
 
 if TYPE_CHECKING:
@@ -128,9 +130,12 @@ def run_tags(run: RunConfig, mesh_shape: Mapping[str, int],
         "world_size": str(run.world_size),
         "mesh": mesh_text(mesh_shape),
         "model": run.model.name,
+        # trainer.precision as it ran (auto resolved), with fp8's recipe and whether torchao
+        # emulated it (on cpu)
+        "precision": describe_precision(run, fsdp=ParallelDims.of(mesh_shape).fsdp),
         "mlflow.user": getpass.getuser(),
     }
-    if not run.uses_reference_model:
+    if not run.uses_family_model:
         tags["model.target"] = run.model._target_
     return {**tags, **source_tags(env=env), **git_tags(), **job_tags(env)}
 
