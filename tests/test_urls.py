@@ -1,6 +1,6 @@
 """Every key that takes a URL (data, pretrained weights, checkpoints, resume, tracking) answers
-the same four mistakes the same way: a bucket that does not
-exist, no credentials, an endpoint that does not answer, a scheme nobody knows. Each is run
+the same four mistakes the same way: a bucket that does not exist, no credentials, an endpoint
+that does not answer, a scheme nobody knows. Each is run
 through `python -m trainer`'s own entry point (`trainer.train.main`), against a real S3 endpoint
 (moto_server), and must stop before Hydra starts: exit 2, one line naming the key, no `outputs/`.
 """
