@@ -21,8 +21,8 @@ from typing import Any
 
 from trainer.data.corpus import default_corpus_dir, ensure_default_corpus, stdlib_sources
 from trainer.data.format import INDEX_FILE, DataError, read_index
-from trainer.data.reader import TokenShards, dataset_vocab_size
 from trainer.data.inputs import ReadOptions, resolve_inputs
+from trainer.data.reader import TokenShards, dataset_vocab_size
 from trainer.data.tokenizer import TokenizerSpec, load_tokenizer
 from trainer.data.writer import prepare
 

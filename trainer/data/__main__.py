@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         "prepare", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         help="tokenize text (files, JSONL, Parquet, Hugging Face datasets) into shards",
         description="Tokenize INPUTs into a shard directory, on every core. Byte-level tokens "
-                    f"by default:\nevery document's bytes, each ended by byte {BYTES_SEPARATOR:#x}.")
+                    "by default:\nevery document's bytes, each ended by byte "
+                    f"{BYTES_SEPARATOR:#x}.")
     prep.add_argument("inputs", nargs="+", metavar="INPUT",
                       help="file, directory (searched recursively by suffix), glob pattern or "
                            "fsspec URL of any of them; a save_to_disk directory is one input")

@@ -1,13 +1,12 @@
 """What `prepare` reads: inputs (files, directories, glob patterns; local paths or any fsspec URL)
 resolved into files of known formats, and the documents in them, streamed one at a time.
 
-| format     | files                                   | one document is            |
-| ---------- | --------------------------------------- | -------------------------- |
-| `text`     | `*.txt *.md *.py`                        | a whole file               |
-| `jsonl`    | `*.jsonl *.ndjson` (also `.gz`, `.bz2`)  | a line's `--text-field`    |
-| `parquet`  | `*.parquet`                             | a row's `--column`         |
-| `datasets` | a `save_to_disk` directory; `*.csv *.arrow *.json` read by `datasets` | a row's `--column` |
-| `npy`      | `*.npy` (with `--tokenizer ids`)        | a whole file of ids        |
+- `text`: `*.txt *.md *.py`; a document is a whole file.
+- `jsonl`: `*.jsonl *.ndjson` (also `.gz`, `.bz2`); a document is a line's `--text-field`.
+- `parquet`: `*.parquet`; a document is a row's `--column`.
+- `datasets`: a `save_to_disk` directory, or `*.csv *.arrow *.json` read by `datasets`; a
+  document is a row's `--column`.
+- `npy` (with `--tokenizer ids`): `*.npy`; a document is a whole file of ids.
 
 Each document comes with how far through the input bytes the reading has got, for the progress
 line's ETA. `datasets` and `pyarrow` are imported only by the formats that need them.

@@ -85,9 +85,10 @@ def prepare(inputs: list[str], output: str, *, tokenizer: str = "bytes", fmt: st
     resumed = _resume_point(fs, root, output, job)
     writer = _ShardWriter(fs, root, dtype, shard_tokens, job, resumed)
     progress = progress or Progress(total_bytes=sum(f.size for f in files))
+    documents = _numbered(read_documents(files, read, storage_options), writer.next_document)
+    encoded = _encoded(documents, spec, workers)
     try:
-        documents = _numbered(read_documents(files, read, storage_options), writer.next_document)
-        for number, ids, position in _encoded(documents, spec, workers):
+        for number, ids, position in encoded:
             writer.write_document(number, ids, spec.eod_id)
             progress.update(writer.documents, writer.tokens, position)
         shards = writer.close()
@@ -108,6 +109,7 @@ def prepare(inputs: list[str], output: str, *, tokenizer: str = "bytes", fmt: st
                       "there (or delete %s)", len(writer.shards), output)
         raise
     finally:
+        encoded.close()  # stops the worker processes now, not whenever the generator is freed
         progress.close()
     log.info("wrote %s: %d tokens, %d documents in %d shards", output, index["num_tokens"],
              index["num_documents"], len(shards))
