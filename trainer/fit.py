@@ -51,7 +51,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     pl.seed_everything(run.seed, workers=True, verbose=False)
     hardware = HardwareSpec(run.hardware)
     module = build_module(run, mesh_plan)
-    data = TokenDataModule(run.data, seed=run.seed)
+    data = TokenDataModule(run.data, seed=run.seed, eval_batches=run.trainer.eval_batches)
     # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
     # fails its checksum) stop the run here with one line, before any process group exists.
     data.setup()
@@ -80,10 +80,12 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         on_saved=track.log_checkpoint if track else None,
         on_failed=track.log_checkpoint_failure if track else None)
     preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
-    every: list[pl.Callback] = [monitor, saver, preemption]
+    # after preemption's: evaluation gives way to a stop it asked for
+    every: list[pl.Callback] = [monitor, saver, preemption, *data.callbacks()]
     if run.trainer.progress_bar:
         every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
-                                                                  run.trainer.max_steps // 20)))
+                                                                  run.trainer.max_steps // 20),
+                                     evaluation=data.evaluation))
     if track:
         every.append(tracking.RunContinuity(track))
     every += callbacks
@@ -106,8 +108,7 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         enable_progress_bar=False,  # ProgressDisplay counts optimizer steps, not epoch batches
         enable_model_summary=False,
         log_every_n_steps=run.trainer.log_every_n_steps,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **data.trainer_arguments(run.trainer, mesh_plan.accumulation),  # evaluation's schedule
     )
     if ckpt_path and trainer.is_global_zero:
         log.info("resuming from %s", ckpt_path)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from trainer.config import KEY, ConfigError, RunConfig
-from trainer.data import dataset_vocab_size
+from trainer.config import KEY, ConfigError, RunConfig, eval_fraction
+from trainer.data.sources import Source, indexes
 from trainer.plan import MeshPlan, plan
 
 
@@ -23,7 +23,7 @@ def check_startable(run: RunConfig) -> MeshPlan:
     in_cluster = "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_JOB_ID" in os.environ
     check_launchable(run, in_cluster=in_cluster)
     check_drivable(run, **_devices_here(run))
-    check_dataset(run, vocab_size=dataset_vocab_size(run.data))
+    check_datasets(run, indexes=indexes(run.data))
     return mesh_plan
 
 
@@ -76,9 +76,38 @@ def check_drivable(run: RunConfig, *, cuda_devices: int, neuron_missing: str | N
                           f"at most {cuda_devices}")
 
 
-def check_dataset(run: RunConfig, *, vocab_size: int) -> None:
-    """The dataset's token ids (up to `vocab_size` - 1) must all have an embedding."""
-    if run.uses_reference_model and vocab_size > run.model.vocab_size:
-        raise ConfigError(KEY.model.vocab_size, run.model.vocab_size,
-                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
-                          f"{vocab_size - 1}; use a vocabulary of at least {vocab_size}")
+def check_datasets(run: RunConfig, *, indexes: dict[Source, dict]) -> None:
+    """What the indexes of the run's datasets (training sources first, then the held-out one)
+    must say: every token id has an embedding; one tokenizer made them all; a held-out fraction
+    has document ends to cut at."""
+    for source, index in indexes.items():
+        vocab = index["vocab_size"]
+        if run.uses_reference_model and vocab > run.model.vocab_size:
+            raise ConfigError(KEY.model.vocab_size, run.model.vocab_size,
+                              f"the dataset {source.url or source.name} ({source.key}, "
+                              f"tokenizer {index['tokenizer']['name']}) has token ids up to "
+                              f"{vocab - 1}; use a vocabulary of at least {vocab}")
+    (first, first_index), *others = indexes.items()
+    for source, index in others:
+        if _tokenizer_identity(index) != _tokenizer_identity(first_index):
+            raise ConfigError(source.key, source.url,
+                              f"tokenized with {_tokenizer_words(index)}, but {first.key} "
+                              f"with {_tokenizer_words(first_index)}; the datasets of a run "
+                              "must share one tokenizer")
+    if eval_fraction(run.data) is not None:
+        for source, index in indexes.items():
+            if index["separator"] is None:
+                raise ConfigError(KEY.data.eval, run.data.eval,
+                                  f"{source.url} ({source.key}) has no end-of-document token to "
+                                  "hold documents out by; give a held-out dataset URL")
+
+
+def _tokenizer_identity(index: dict) -> tuple:
+    tokenizer = index["tokenizer"]
+    return tokenizer["kind"], tokenizer["sha256"], tokenizer["eod_id"]
+
+
+def _tokenizer_words(index: dict) -> str:
+    tokenizer = index["tokenizer"]
+    digest = f", sha256 {tokenizer['sha256'][:12]}" if tokenizer["sha256"] else ""
+    return f"{tokenizer['name']} (end of document {tokenizer['eod_id']}{digest})"

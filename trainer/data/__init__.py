@@ -6,8 +6,11 @@
 - `progress`: the progress line of `prepare`.
 - `writer`: `prepare`, tokenizing documents on every core into shards, resumable.
 - `corpus`: the built-in corpus (Python's standard library), prepared on first use.
-- `reader`: `TokenShards`, the shards as one memory-mapped stream; remote shards are cached locally.
-- `sampler`: `WindowSampler` and `TokenLoader`, batches whose position is part of the checkpoint.
+- `reader`: `TokenShards`, the shards as one memory-mapped stream; remote shards are cached locally;
+  `split_by_document`, a held-out part.
+- `sources`: which datasets a run reads (`data.path`, `data.sources`, `data.eval`), their indexes.
+- `sampler`: `WindowSampler`, `MixtureSampler`, `TokenLoader` (batches whose position is part of
+  the checkpoint) and `EvalLoader`.
 - `datamodule`: `TokenDataModule`, the Lightning face of the above.
 - `__main__`: `python -m trainer.data prepare|info`.
 
@@ -22,17 +25,17 @@ from typing import Any
 from trainer.data.corpus import default_corpus_dir, ensure_default_corpus, stdlib_sources
 from trainer.data.format import INDEX_FILE, DataError, read_index
 from trainer.data.inputs import ReadOptions, resolve_inputs
-from trainer.data.reader import TokenShards, dataset_vocab_size
+from trainer.data.reader import Region, TokenShards, split_by_document
 from trainer.data.tokenizer import TokenizerSpec, load_tokenizer
 from trainer.data.writer import prepare
 
-_LAZY = {"Batch": "sampler", "TokenLoader": "sampler", "WindowSampler": "sampler",
-         "TokenDataModule": "datamodule"}
+_LAZY = {"Batch": "sampler", "EvalLoader": "sampler", "MixtureSampler": "sampler",
+         "TokenLoader": "sampler", "WindowSampler": "sampler", "TokenDataModule": "datamodule"}
 
-__all__ = ["INDEX_FILE", "Batch", "DataError", "ReadOptions", "TokenDataModule", "TokenLoader",
-           "TokenShards", "TokenizerSpec", "WindowSampler", "dataset_vocab_size",
-           "default_corpus_dir", "ensure_default_corpus", "load_tokenizer", "prepare",
-           "read_index", "resolve_inputs", "stdlib_sources"]
+__all__ = ["INDEX_FILE", "Batch", "DataError", "EvalLoader", "MixtureSampler", "ReadOptions",
+           "Region", "TokenDataModule", "TokenLoader", "TokenShards", "TokenizerSpec",
+           "WindowSampler", "default_corpus_dir", "ensure_default_corpus", "load_tokenizer",
+           "prepare", "read_index", "resolve_inputs", "split_by_document", "stdlib_sources"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,51 @@
+"""The checks a run makes on its datasets' indexes before anything starts (trainer.preflight),
+given the indexes as facts; `python -m trainer` refusing a real dataset: tests/data/test_runs.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer.config import ConfigError, load
+from trainer.data.sources import Source, builtin_index
+from trainer.preflight import check_datasets
+
+
+def index(kind="hf", sha="a" * 64, eod=2, vocab=400, name="hf:tok"):
+    return {"vocab_size": vocab, "separator": eod,
+            "tokenizer": {"kind": kind, "name": name, "vocab_size": vocab, "sha256": sha,
+                          "eod_id": eod, "eod_token": None}}
+
+
+def sources(*urls):
+    return [Source(f"data.sources[{i}]", url, url) for i, url in enumerate(urls)]
+
+
+def test_a_vocabulary_the_model_lacks_is_refused_naming_the_dataset():
+    run = load(["model.vocab_size=256", "data.sources=[{path:/d/web},{path:/d/code}]"])
+    web, code = sources("/d/web", "/d/code")
+    with pytest.raises(ConfigError) as caught:
+        check_datasets(run, indexes={web: index(vocab=256), code: index(vocab=400)})
+    assert str(caught.value) == (
+        "model.vocab_size=256: the dataset /d/code (data.sources[1], tokenizer hf:tok) has "
+        "token ids up to 399; use a vocabulary of at least 400")
+    check_datasets(load(["model.vocab_size=400"]), indexes={web: index(), code: index()})
+
+
+@pytest.mark.parametrize("other", [index(sha="b" * 64), index(eod=3), index(kind="tiktoken"),
+                                   builtin_index()])
+def test_datasets_of_different_tokenizers_are_refused(other):
+    run = load(["model.vocab_size=512"])
+    web, code = sources("/d/web", "/d/code")
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\]='/d/code': tokenized with .*, but "
+                                          r"data.sources\[0\] with hf:tok \(end of document 2, "
+                                          r"sha256 aaaaaaaaaaaa\); the datasets of a run must "
+                                          r"share one tokenizer$"):
+        check_datasets(run, indexes={web: index(), code: other})
+
+
+def test_a_held_out_fraction_needs_document_ends():
+    run = load(["data.eval=0.1", "model.vocab_size=512"])
+    (web,) = sources("/d/web")
+    with pytest.raises(ConfigError, match=r"^data.eval='0.1': /d/web .* has no end-of-document"):
+        check_datasets(run, indexes={web: index(kind="ids", sha=None, eod=None)})
+    check_datasets(run, indexes={web: index()})
