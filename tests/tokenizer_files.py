@@ -30,9 +30,11 @@ def corpus_texts(n: int = 40) -> list[str]:
             + (" café 東京" if i % 5 == 0 else "") for i in range(n)]
 
 
-def hf_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
-    """A byte-level BPE tokenizer.json (special token `<|endoftext|>`) and a tokenizer_config.json
-    naming it as eos_token, like a Hugging Face model directory."""
+def hf_tokenizer_dir(directory: Path, vocab_size: int = 400,
+                     texts: list[str] | None = None) -> Path:
+    """A byte-level BPE tokenizer.json (special token `<|endoftext|>`) trained on `texts` (default:
+    TEXT and corpus_texts()), and a tokenizer_config.json naming that token as eos_token, like a
+    Hugging Face model directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -41,7 +43,7 @@ def hf_tokenizer_dir(directory: Path, vocab_size: int = 400) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOD],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator([TEXT, *corpus_texts()], trainer)
+    tokenizer.train_from_iterator(texts or [TEXT, *corpus_texts()], trainer)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOD}))
