@@ -153,11 +153,11 @@ def bench_loader(work: Path, prepared: Path, args: argparse.Namespace) -> None:
             f"data.sources=[{{path:'{prepared}',weight:3,name:a}},"
             f"{{path:'{prepared}',weight:1,name:b}}]", f"model.vocab_size={args.vocab}"],
     }
-    for name, overrides in configs.items():
+    for number, (name, overrides) in enumerate(configs.items()):
         loads, steps = [], []
         for round_ in range(args.repeats + 1):
             load = loader_samples_per_s(overrides, args.batches)
-            step = step_samples_per_s(overrides, args.steps, work / f"fit-{len(steps)}-{round_}")
+            step = step_samples_per_s(overrides, args.steps, work / f"fit-{number}-{round_}")
             if round_:
                 loads.append(load)
                 steps.append(step)

@@ -73,10 +73,10 @@ def trainer_cmd(nproc: int, overrides: list[str], run_dir: Path) -> list[str]:
 
 def estimate(nproc: int, overrides: list[str]) -> float:
     from trainer.config import load
-    from trainer.plan import plan
+    from trainer.plan import choose
 
-    return plan(load([*COMMON, *MODEL, f"trainer.devices={nproc}", *overrides])
-                ).memory_bytes_per_rank
+    return choose(load([*COMMON, *MODEL, f"trainer.devices={nproc}", *overrides])
+                  ).estimate.memory_bytes_per_rank
 
 
 def main() -> None:

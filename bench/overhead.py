@@ -48,7 +48,8 @@ import trainer.fit
 from trainer.config import RunConfig, compose, validate
 from trainer.data.datamodule import TokenDataModule
 from trainer.data.sampler import Batch, TokenLoader
-from trainer.models.llama import ModelArgs, Transformer
+from trainer.models.llama.model import Transformer
+from trainer.models.registry import shape_of
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 
 TARGET_RATIO = 1.03  # issue 2: the loop may add at most 3% to a step
@@ -138,7 +139,7 @@ def run_hand_loop(run: RunConfig) -> Timing:
     """The loop a person would write around the same pieces, with nothing else in it."""
     start = time.perf_counter()
     torch.manual_seed(run.seed)  # as LanguageModel.configure_model seeds before building
-    model = Transformer(ModelArgs.from_config(run.model))
+    model = Transformer(shape_of(run.model))
     optimizer = build_optimizer(model, run.optim)
     scheduler = build_scheduler(optimizer, run.optim, run.trainer.max_steps)
     batches = endless(TokenDataModule(run.data, seed=run.seed).train_dataloader())

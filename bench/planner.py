@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from trainer.config import RunConfig, load
-from trainer.plan import candidates, plan
+from trainer.plan import candidates, choose
 
 LARGE = ("parallelism=auto", "data.seq_len=8192", "data.micro_batch_size=1",
          "trainer.precision=bf16-mixed", "parallelism.param_dtype=bfloat16")
@@ -44,7 +44,7 @@ def bench_case(overrides: tuple[str, ...], repeat: int) -> dict[str, float]:
     run: RunConfig = load(list(overrides))
     return {"world": run.world_size, "candidates": len(candidates(run)),
             "compose_s": compose_s,
-            "plan_s": median_seconds(lambda: plan(run), repeat)}
+            "plan_s": median_seconds(lambda: choose(run), repeat)}
 
 
 def main() -> None:

@@ -1,13 +1,14 @@
 """Training-step throughput of a model preset on one accelerator: tokens/s and MFU against the
 hardware spec's peak, and the planner's memory estimate against the measured peak.
 
-The step is the one training runs: the reference decoder (`trainer.models.llama`), its blocks
-compiled one by one as `trainer.models.parallelize.apply_compile` does when
-parallelism.compile=true, the project's AdamW and mesh-aware clipping (`trainer.optim`), under
-trainer.precision ("bf16-true": bf16 weights; "bf16-mixed": fp32 weights under autocast). Batches
-are random token ids already on the device, so the figure is the step alone, without data loading.
+The step is the one training runs: the model family's own build and `parallelize` on one rank
+(its blocks compiled one by one when parallelism.compile=true, checkpointed when
+parallelism.activation_checkpointing=true), the project's AdamW and mesh-aware clipping
+(`trainer.optim`), under trainer.precision ("bf16-true": bf16 weights; "bf16-mixed": fp32 weights
+under autocast). Batches are random token ids already on the device, so the figure is the step
+alone, without data loading.
 
-MFU counts the model's FLOPs (`trainer.models.llama.flops_per_token`, the PaLM convention:
+MFU counts the model's FLOPs (the family's `flops_per_token`; for Llama the PaLM convention:
 6N + 12 x layers x dim x seq_len per token) against one rank's dense bf16 peak from the hardware
 spec. Memory: on CUDA the measured peak is torch.cuda.max_memory_allocated over the timed steps
 (the allocator's live tensors, as the planner counts them); on CPU it is the growth of the
@@ -41,10 +42,10 @@ import torch.nn.functional as F
 
 from trainer.config import RunConfig, load
 from trainer.hardware import GIB, HardwareSpec
-from trainer.models.llama import ModelArgs, Transformer, flops_per_token
-from trainer.models.parallelize import COMPILE_BACKENDS, apply_compile
+from trainer.models.parallel import compile_backend
+from trainer.models.registry import family_of, shape_of
 from trainer.optim import build_optimizer, clip_grad_norm
-from trainer.plan import RunFacts, evaluate, explicit_dims
+from trainer.plan import RunFacts, evaluate, explicit_shape
 
 TARGET_MFU_GPU = 0.5  # issue 3: llama3_1b in bf16 with torch.compile on an H100/H200
 
@@ -89,11 +90,17 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int) -> Result:
     device = device_of(run)
     torch.manual_seed(run.seed)
     rss_before = _peak_rss_bytes()
-    model_args = ModelArgs.from_config(run.model)
+    family, model_args = family_of(run.model), shape_of(run.model)
     dtype = torch.bfloat16 if run.trainer.precision == "bf16-true" else torch.float32
-    model = Transformer(model_args).to(device=device, dtype=dtype)
-    if run.parallelism.compile:
-        apply_compile(model, COMPILE_BACKENDS.get(device.type, "inductor"))
+    with torch.device("meta"):
+        model = family.build(model_args)
+    one_rank = evaluate(RunFacts.of(run), explicit_shape(run),
+                        bool(run.parallelism.activation_checkpointing))
+    family.parallelize(model, None, one_rank.dims, run.parallelism,
+                       backend=compile_backend(device.type))
+    model.to_empty(device=device)
+    family.init_weights(model, run.seed, device)
+    model.to(dtype=dtype)
     optimizer = build_optimizer(model, run.optim)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
                 if run.trainer.precision == "bf16-mixed" else nullcontext())
@@ -128,7 +135,7 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int) -> Result:
     hardware = HardwareSpec(run.hardware)
     step_s = statistics.median(times)
     tokens_per_s = run.data.micro_batch_size * run.data.seq_len / step_s
-    flops = tokens_per_s * flops_per_token(model_args, run.data.seq_len)
+    flops = tokens_per_s * model_args.flops_per_token(run.data.seq_len)
     return Result(
         model=run.model.name, hardware=run.hardware.name, device=str(device),
         precision=run.trainer.precision, compiled=run.parallelism.compile,
@@ -151,9 +158,9 @@ def device_of(run: RunConfig) -> torch.device:
 
 def memory_estimate(run: RunConfig) -> float:
     """The planner's bytes per rank for this config on one rank, whether or not it fits."""
-    one_rank = evaluate(RunFacts.of(run), explicit_dims(run),
-                        run.parallelism.activation_checkpointing)
-    return one_rank.memory_bytes_per_rank
+    one_rank = evaluate(RunFacts.of(run), explicit_shape(run),
+                        bool(run.parallelism.activation_checkpointing))
+    return one_rank.estimate.memory_bytes_per_rank
 
 
 def _synchronize(device: torch.device) -> None:

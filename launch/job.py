@@ -19,7 +19,8 @@ import jinja2
 import yaml
 
 from trainer.config import KEY, ConfigError, RunConfig, compose, validate
-from trainer.plan import MeshPlan, plan
+from trainer.plan import ParallelDims, choose
+from trainer.xla import compile_pass_overrides, runtime_env, wants_compile_pass
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # launch.* keys steer the launcher; the trainer only needs the one the launcher sets itself.
@@ -30,7 +31,7 @@ _LAUNCHER_ONLY = (KEY.launch.dry_run, KEY.launch.max_restarts, KEY.launch.run_di
 @dataclass
 class Job:
     run: RunConfig
-    plan: MeshPlan
+    dims: ParallelDims
     overrides: list[str]  # as the user gave them
     run_dir: Path
     name: str  # scheduler-safe job name
@@ -59,6 +60,19 @@ class Job:
         return " ".join(["-m", "trainer", *map(shlex.quote,
                                                self.trainer_overrides(rendered, run_dir))])
 
+    @property
+    def env(self) -> dict[str, str]:
+        """Exported on every node: the hardware's launch environment, then the XLA path's."""
+        return {**self.run.hardware.launch_env, **runtime_env(self.run)}
+
+    def compile_pass_args(self, rendered: str, run_dir: str | None = None) -> str | None:
+        """`-m trainer <overrides>` of Neuron's ahead-of-time compile pass, which
+        `neuron_parallel_compile` runs before training; None when the run has none."""
+        if not wants_compile_pass(self.run):
+            return None
+        extra = compile_pass_overrides(self.run, str(run_dir or self.run_dir))
+        return " ".join([self.trainer_args(rendered, run_dir), *map(shlex.quote, extra)])
+
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
@@ -67,17 +81,17 @@ def _key(override: str) -> str:
 def prepare(overrides: list[str]) -> Job:
     """Compose, validate and plan as `python -m trainer` does; raise the first config error."""
     run = validate(compose(overrides))
-    mesh_plan = plan(run)
-    if mesh_plan.world_size != run.cluster.nodes * run.ranks_per_node:
+    dims = choose(run).dims
+    if dims.world_size != run.cluster.nodes * run.ranks_per_node:
         raise ConfigError("cluster.nodes", run.cluster.nodes,
                           f"{run.cluster.nodes} node(s) x {run.ranks_per_node} rank(s) per node "
-                          f"does not match the mesh's world size {mesh_plan.world_size}")
+                          f"does not match the mesh's world size {dims.world_size}")
     now = datetime.datetime.now()
     workdir = Path.cwd()
     run_dir = Path(run.launch.run_dir or workdir / "outputs" / "launch"
                    / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")).resolve()
     name = f"{run.model.name}-{run.hardware.name}-{now.strftime('%m%d-%H%M%S')}"
-    return Job(run, mesh_plan, list(overrides), run_dir, _dns_name(name), workdir)
+    return Job(run, dims, list(overrides), run_dir, _dns_name(name), workdir)
 
 
 def _dns_name(text: str) -> str:

@@ -30,7 +30,7 @@ from trainer.mesh import (
     neuron_accelerator,
     process_group_backend,
 )
-from trainer.plan import MeshPlan
+from trainer.plan import ParallelDims
 from trainer.validate_plan import fake_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ LOSS_LINE = re.compile(r"step (\d+)/\d+\s+loss ([0-9.]+)")
 def test_data_parallel_rank_is_replica_major_and_shared_by_tp_peers(shape):
     rep, shard, cp, tp = shape
     world = rep * shard * cp * tp
-    plan = MeshPlan(*shape)
+    plan = ParallelDims(shape)
     for rank in range(world):
         # row-major over (dp_replicate, dp_shard, cp, tp): tp varies fastest
         expected = (rank // (shard * cp * tp)) * shard + (rank // (cp * tp)) % shard
@@ -60,7 +60,7 @@ def test_data_parallel_rank_is_replica_major_and_shared_by_tp_peers(shape):
 
 def test_mesh_dims_are_named_as_the_plan_says():
     with fake_world(0, 8):
-        mesh = build_mesh(MeshPlan(2, 2, 1, 2), "cpu")
+        mesh = build_mesh(ParallelDims((2, 2, 1, 2)), "cpu")
         assert mesh.mesh_dim_names == ("dp_replicate", "dp_shard", "cp", "tp")
         assert tuple(mesh.shape) == (2, 2, 1, 2)
         assert mesh["tp"].mesh.tolist() == [0, 1]  # a tp group is consecutive ranks

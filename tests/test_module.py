@@ -12,7 +12,7 @@ import pytest
 
 from trainer.config import load
 from trainer.module import LanguageModel
-from trainer.plan import plan
+from trainer.plan import choose
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -23,17 +23,17 @@ _ONE_RANK = """
 import json, resource, sys, torch
 from trainer.config import load
 from trainer.module import LanguageModel
-from trainer.plan import plan
+from trainer.plan import choose
 from trainer.mesh import build_mesh
 from trainer.validate_plan import fake_world
 from torch.distributed.tensor import DTensor
 
 run = load(["model=llama3_8b", "hardware=trn2", "parallelism=fsdp",
            "parallelism.activation_checkpointing=true"])
-chosen = plan(run)
-with fake_world(0, chosen.world_size):
-    mesh = build_mesh(chosen, "cpu")
-    module = LanguageModel(run, chosen)
+dims = choose(run).dims
+with fake_world(0, dims.world_size):
+    mesh = build_mesh(dims, "cpu")
+    module = LanguageModel(run, dims)
     module._device_mesh = mesh
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.device("cpu"):
@@ -41,7 +41,7 @@ with fake_world(0, chosen.world_size):
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = list(module.model.parameters())
     local = sum(p.to_local().untyped_storage().nbytes() for p in params)
-    json.dump({"world": chosen.world_size, "before": before, "after": after, "local": local,
+    json.dump({"world": dims.world_size, "before": before, "after": after, "local": local,
                "sharded": all(isinstance(p, DTensor) for p in params),
                "nonzero": all(p.to_local().abs().sum().item() > 0 for p in params)}, sys.stdout)
 """
@@ -63,14 +63,15 @@ def test_llama3_8b_at_64_ranks_allocates_its_shard_plus_a_small_constant():
 
 def test_a_sharding_plan_without_a_mesh_fails_loudly():
     run = load(["hardware=cpu", "trainer.devices=2", "parallelism=fsdp"])
-    module = LanguageModel(run, plan(run))
+    module = LanguageModel(run, choose(run).dims)
     with pytest.raises(RuntimeError, match="no device mesh"):
         module.configure_model()
 
 
 def test_a_single_rank_builds_the_whole_model_from_the_seed():
     run = load(["hardware=cpu"])
-    first, second = LanguageModel(run, plan(run)), LanguageModel(run, plan(run))
+    dims = choose(run).dims
+    first, second = LanguageModel(run, dims), LanguageModel(run, dims)
     first.configure_model()
     second.configure_model()
     pairs = zip(first.model.parameters(), second.model.parameters(), strict=True)

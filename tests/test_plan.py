@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.config import ConfigError, RunConfig, load
+from trainer.config import MESH_DIMS, ConfigError, RunConfig, load
 from trainer.hardware import GIB, HardwareSpec
-from trainer.models.llama import ModelArgs, Transformer, num_params
-from trainer.plan.planner import (
-    MESH_DIMS,
-    MeshPlan,
-    Params,
-    RunFacts,
-    candidates,
-    dim_links,
-    plan,
-)
+from trainer.models.llama.model import Transformer
+from trainer.models.llama.shape import LlamaArgs
+from trainer.models.registry import shape_of
+from trainer.plan import Candidate, ParallelDims, RunFacts, candidates, choose
+from trainer.plan.planner import dim_links
 
 REPO = Path(__file__).resolve().parents[1]
 # What large runs use: one 8k sequence per rank, bf16 compute, FSDP gathering bf16 weights.
@@ -37,8 +32,9 @@ def auto(*overrides: str) -> RunConfig:
     return load(["parallelism=auto", *overrides])
 
 
-def by_shape(plans: list[MeshPlan], shape: tuple[int, ...], ac: bool = False) -> MeshPlan:
-    return next(p for p in plans if p.shape == shape and p.activation_checkpointing == ac)
+def by_shape(found: list[Candidate], shape: tuple[int, ...], ac: bool = False) -> Candidate:
+    return next(c for c in found
+                if c.dims.shape == shape and c.dims.activation_checkpointing == ac)
 
 
 # --- factorizations ----------------------------------------------------------------------------
@@ -53,14 +49,14 @@ def by_shape(plans: list[MeshPlan], shape: tuple[int, ...], ac: bool = False) ->
 ])
 def test_every_factorization_is_a_candidate_with_and_without_checkpointing(devices,
                                                                            factorizations):
-    plans = candidates(auto(f"trainer.devices={devices}"))
-    assert len(plans) == 2 * factorizations
-    assert len(set(plans)) == len(plans)
-    assert all(p.world_size == devices and p.cp == 1 for p in plans)
+    found = candidates(auto(f"trainer.devices={devices}"))
+    assert len(found) == 2 * factorizations
+    assert len({(c.dims.shape, c.dims.activation_checkpointing) for c in found}) == len(found)
+    assert all(c.dims.world_size == devices and c.dims.cp == 1 for c in found)
 
 
 def test_mesh_dims_are_outermost_first_and_tp_varies_fastest():
-    p = MeshPlan(2, 3, 1, 4)
+    p = ParallelDims((2, 3, 1, 4))
     assert p.dim_names == MESH_DIMS == ("dp_replicate", "dp_shard", "cp", "tp")
     assert p.shape == (2, 3, 1, 4) and p.world_size == 24 and p.dp_size == 6
     # torch lays a mesh out row-major over the ranks: the reference for every coordinate
@@ -159,7 +155,7 @@ def test_an_explicit_plan_that_cannot_run_raises_with_the_key():
     run = load(["parallelism=fsdp_tp", "trainer.devices=4", "parallelism.tp=4",
                 "model.n_kv_heads=2"])
     with pytest.raises(ConfigError) as err:
-        plan(run)
+        choose(run)
     assert err.value.key == "parallelism.tp" and err.value.value == 4
 
 
@@ -167,7 +163,7 @@ def test_an_explicit_plan_must_multiply_to_the_world_size():
     run = load(["parallelism=fsdp_tp", "trainer.devices=4"])
     run.parallelism.dp_shard = 4  # the dims now multiply to 8 on 4 ranks
     with pytest.raises(ConfigError, match="must equal the world size 4"):
-        plan(run)
+        choose(run)
 
 
 def test_an_explicit_plan_too_big_suggests_checkpointing_when_that_fits():
@@ -175,19 +171,19 @@ def test_an_explicit_plan_too_big_suggests_checkpointing_when_that_fits():
                 "parallelism=fsdp", *LARGE])
     with pytest.raises(ConfigError, match=r"with parallelism\.activation_checkpointing=true it "
                                           r"needs \d"):
-        plan(run)
+        choose(run)
 
 
 # --- explicit plans ----------------------------------------------------------------------------
 
 
 def test_minus_one_fills_the_dim_from_the_world_size():
-    chosen = plan(load(["parallelism=fsdp_tp", "trainer.devices=8"]))  # dp_shard=-1, tp=2
-    assert chosen.shape == (1, 4, 1, 2) and chosen.feasible
+    chosen = choose(load(["parallelism=fsdp_tp", "trainer.devices=8"]))  # dp_shard=-1, tp=2
+    assert chosen.dims.shape == (1, 4, 1, 2) and chosen.feasible
 
 
 def test_the_default_run_is_one_rank():
-    assert plan(load()).shape == (1, 1, 1, 1)
+    assert choose(load()).dims.shape == (1, 1, 1, 1)
 
 
 # --- estimates, checked by hand ----------------------------------------------------------------
@@ -201,9 +197,10 @@ TOKENS = 8 * 256  # micro batch x seq_len
 
 
 def test_parameter_count_agrees_with_the_model():
-    assert TOTAL == 3_279_104 == num_params(ModelArgs()) == Params.of(ModelArgs()).total
-    tied = ModelArgs(tie_embeddings=True)
-    assert Params.of(tied).total == TOTAL - TABLE == num_params(tied)
+    assert TOTAL == 3_279_104 == LlamaArgs().num_params() == LlamaArgs().param_counts().total
+    tied = LlamaArgs(tie_embeddings=True)
+    assert tied.param_counts().total == TOTAL - TABLE == tied.num_params()
+    assert sum(p.numel() for p in Transformer(LlamaArgs()).parameters()) == TOTAL
 
 
 def test_memory_of_fsdp_in_fp32_by_hand():
@@ -214,7 +211,7 @@ def test_memory_of_fsdp_in_fp32_by_hand():
     norm = (4 + 4) * 256
     block = 2 * (norm + 4 * 256) + 4 * (2 * 256 + 2 * 128 + 4 * 768)
     final_norm = norm + 4 * 256  # and the head's input
-    assert found.memory_breakdown == pytest.approx({
+    assert found.estimate.memory == pytest.approx({
         "params": 4 * per_rank,
         "grads": 4 * per_rank,
         "optimizer": 8 * per_rank,
@@ -227,7 +224,7 @@ def test_memory_of_fsdp_in_fp32_by_hand():
     })
     with_ac = by_shape(candidates(auto("trainer.devices=2")), (1, 2, 1, 1), ac=True)
     # each block keeps its fp32 input; one block is recomputed at a time
-    assert with_ac.memory_breakdown["activations"] == pytest.approx(
+    assert with_ac.estimate.memory["activations"] == pytest.approx(
         TOKENS * (4 * 4 * 256 + block + final_norm))
 
 
@@ -242,7 +239,7 @@ def test_memory_of_tensor_parallel_under_bf16_autocast_by_hand():
     norm = (4 + 4) * 256
     block = 2 * norm + 5 * 2 * 256 + 2 * (2 * 256 + 2 * 128 + 4 * 768) / 2
     final_norm = norm + 2 * 256
-    assert found.memory_breakdown == pytest.approx({
+    assert found.estimate.memory == pytest.approx({
         "params": 4 * per_rank,
         "grads": 4 * per_rank,
         "optimizer": 8 * per_rank,
@@ -259,9 +256,9 @@ def test_activation_estimate_matches_what_autograd_saves(precision):
     run = load(["model.dim=128", "model.n_layers=3", "model.ffn_dim=384", "model.vocab_size=64",
                 "model.max_seq_len=64", "data.seq_len=64", "data.micro_batch_size=2",
                 f"trainer.precision={precision}"])
-    estimate = plan(run).memory_breakdown
+    estimate = choose(run).estimate.memory
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_config(run.model))
+    model = Transformer(shape_of(run.model))
     if precision == "bf16-true":
         model = model.to(torch.bfloat16)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -283,14 +280,14 @@ def test_activation_estimate_matches_what_autograd_saves(precision):
 
 def test_plain_data_parallel_holds_whole_copies_and_a_bucketed_gradient():
     found = by_shape(candidates(auto("trainer.devices=2")), (2, 1, 1, 1))
-    assert found.memory_breakdown["params"] == 4 * TOTAL
-    assert found.memory_breakdown["optimizer"] == 8 * TOTAL
-    assert found.memory_breakdown["ddp_buckets"] == 4 * TOTAL
-    assert found.memory_breakdown["fsdp_buffers"] == 0
+    assert found.estimate.memory["params"] == 4 * TOTAL
+    assert found.estimate.memory["optimizer"] == 8 * TOTAL
+    assert found.estimate.memory["ddp_buckets"] == 4 * TOTAL
+    assert found.estimate.memory["fsdp_buffers"] == 0
 
 
 def test_step_time_of_one_rank_is_its_compute_at_the_assumed_mfu():
-    found = plan(load())
+    found = choose(load()).estimate
     # 6 x non-embedding parameters + 12 x layers x dim x seq_len FLOPs per token
     flops = (6 * (TOTAL - TABLE) + 12 * 4 * 256 * 256) * TOKENS
     cpu = HardwareSpec.load("cpu")
@@ -308,49 +305,51 @@ def test_tensor_parallel_traffic_by_hand():
             + hidden  # embedding output
             + TOKENS * 256 * 4 / 2  # logits all-gather
             + hidden)  # head input gradient
-    assert found.time_breakdown["tp"] == pytest.approx(sent / 10e9)  # cpu: 10 GB/s in a node
+    assert found.estimate.time["tp"] == pytest.approx(sent / 10e9)  # cpu: 10 GB/s in a node
 
 
 # --- auto ----------------------------------------------------------------------------------
 
 
-def assert_sound(chosen: MeshPlan, run: RunConfig) -> None:
+def assert_sound(chosen: Candidate, run: RunConfig) -> None:
     hw = HardwareSpec(run.hardware)
-    assert chosen.feasible and chosen.world_size == run.world_size
-    assert chosen.memory_bytes_per_rank <= hw.memory_bytes_per_rank * 0.9
+    dims, estimate = chosen.dims, chosen.estimate
+    assert chosen.feasible and dims.world_size == run.world_size
+    assert estimate.memory_bytes_per_rank <= hw.memory_bytes_per_rank * 0.9
     # every tp group lies inside one node, in torchrun's node-major rank numbering
-    layout = torch.arange(chosen.world_size).reshape(chosen.shape)
-    tp_groups = layout.reshape(-1, chosen.tp)
+    layout = torch.arange(dims.world_size).reshape(dims.shape)
+    tp_groups = layout.reshape(-1, dims.tp)
     nodes = tp_groups // run.ranks_per_node
     assert (nodes == nodes[:, :1]).all()
-    assert chosen.links["fsdp"] != "inter"  # sharding stays inside a domain
+    assert estimate.links["fsdp"] != "inter"  # sharding stays inside a domain
 
 
 def test_auto_picks_the_fastest_feasible_plan():
     run = auto("trainer.devices=8")
-    plans = candidates(run)
-    chosen = plan(run)
+    found = candidates(run)
+    chosen = choose(run)
     assert_sound(chosen, run)
-    assert chosen.tokens_per_s == max(p.tokens_per_s for p in plans if p.feasible)
+    assert chosen.estimate.tokens_per_s == max(c.estimate.tokens_per_s for c in found
+                                               if c.feasible)
 
 
 def test_llama3_8b_on_a_trn2_ultraserver():
     run = auto("model=llama3_8b", "hardware=trn2_ultraserver", "cluster.nodes=4", *LARGE)
     assert run.world_size == 256
-    assert_sound(plan(run), run)
+    assert_sound(choose(run), run)
 
 
 def test_llama3_70b_on_a_trn3_ultraserver():
     run = auto("model=llama3_70b", "hardware=trn3_ultraserver", "cluster.nodes=36", *LARGE)
     assert run.world_size == 576
-    assert_sound(plan(run), run)
+    assert_sound(choose(run), run)
 
 
 def test_llama3_405b_on_two_gb200_nvl72_racks():
     run = auto("model=llama3_405b", "hardware=gb200_nvl72", "cluster.nodes=36", *LARGE)
-    chosen = plan(run)
+    chosen = choose(run)
     assert_sound(chosen, run)
-    assert chosen.dp_replicate >= 2 and chosen.links["dp_replicate"] == "inter"
+    assert chosen.dims.dp_replicate >= 2 and chosen.estimate.links["dp_replicate"] == "inter"
 
 
 def test_among_equally_fast_plans_sharding_stays_inside_the_domain():
@@ -358,13 +357,13 @@ def test_among_equally_fast_plans_sharding_stays_inside_the_domain():
     # both racks is as fast as over one and uses less memory; auto still keeps it in one
     run = auto("model=llama3_8b", "hardware=gb200_nvl72", "cluster.nodes=36", *LARGE,
                "data.micro_batch_size=4")
-    chosen = plan(run)
-    across = by_shape(candidates(run), (1, 144 // chosen.tp, 1, chosen.tp),
-                      chosen.activation_checkpointing)
-    assert across.feasible and across.links["fsdp"] == "inter"
-    assert across.tokens_per_s == pytest.approx(chosen.tokens_per_s)
-    assert across.memory_bytes_per_rank < chosen.memory_bytes_per_rank
-    assert chosen.links["fsdp"] == "domain"
+    chosen = choose(run)
+    tp = chosen.dims.tp
+    across = by_shape(candidates(run), (1, 144 // tp, 1, tp), chosen.dims.activation_checkpointing)
+    assert across.feasible and across.estimate.links["fsdp"] == "inter"
+    assert across.estimate.tokens_per_s == pytest.approx(chosen.estimate.tokens_per_s)
+    assert across.estimate.memory_bytes_per_rank < chosen.estimate.memory_bytes_per_rank
+    assert chosen.estimate.links["fsdp"] == "domain"
 
 
 def test_auto_reports_why_nothing_fits():
@@ -372,7 +371,7 @@ def test_auto_reports_why_nothing_fits():
     run = auto("model=llama3_405b", "hardware=gb200_nvl72", "cluster.nodes=36",
                "data.seq_len=8192", "data.micro_batch_size=1", "trainer.precision=bf16-mixed")
     with pytest.raises(ConfigError, match=r"autocast_weights .*parallelism\.param_dtype=bfloat16"):
-        plan(run)
+        choose(run)
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -432,22 +431,22 @@ def test_cli_help(capsys):
 def test_auto_is_the_default_and_fits_70b_on_a_trn3_ultraserver():
     run = load(["model=llama3_70b", "hardware=trn3_ultraserver", "cluster.nodes=36"])
     assert run.parallelism.name == "auto"
-    chosen = plan(run)
-    assert chosen.feasible and chosen.world_size == 576
+    chosen = choose(run)
+    assert chosen.feasible and chosen.dims.world_size == 576
     budget = HardwareSpec(run.hardware).memory_bytes_per_rank * run.plan.memory_headroom
-    assert chosen.memory_bytes_per_rank <= budget
+    assert chosen.estimate.memory_bytes_per_rank <= budget
 
 
 def test_explicit_dims_under_auto_are_kept():
     run = load(["hardware=h100", "model=llama3_8b", "parallelism.tp=4"])
-    chosen = plan(run)
-    assert chosen.tp == 4 and chosen.world_size == 8
-    assert all(p.tp == 4 for p in candidates(run))
+    chosen = choose(run)
+    assert chosen.dims.tp == 4 and chosen.dims.world_size == 8
+    assert all(c.dims.tp == 4 for c in candidates(run))
 
 
 def test_a_constraint_no_plan_can_keep_is_refused_naming_it():
     with pytest.raises(ConfigError) as info:
-        plan(load(["hardware=h100", "parallelism.tp=16"]))
+        choose(load(["hardware=h100", "parallelism.tp=16"]))
     assert "parallelism.tp=16" in str(info.value) and "\n" not in str(info.value)
 
 

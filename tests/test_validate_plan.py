@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load
-from trainer.models.llama import ModelArgs
-from trainer.plan import plan
+from trainer.models.llama.shape import LlamaArgs
+from trainer.models.registry import shape_of
+from trainer.plan import choose
 from trainer.validate_plan import PlanValidationError, rank_ranges, validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +42,7 @@ FULL_SCALE = {
 }
 
 
-def padded_rank_elements(a: ModelArgs, shard: int, tp: int) -> int:
+def padded_rank_elements(a: LlamaArgs, shard: int, tp: int) -> int:
     """Elements every rank allocates: each weight's FSDP chunk, ceil(local rows / shard)."""
     kv = a.n_kv_heads * a.head_dim
 
@@ -58,7 +59,7 @@ def padded_rank_elements(a: ModelArgs, shard: int, tp: int) -> int:
     return a.n_layers * block + vocab + chunk(a.dim, 1)
 
 
-def total_elements(a: ModelArgs) -> int:
+def total_elements(a: LlamaArgs) -> int:
     kv = a.n_kv_heads * a.head_dim
     block = 2 * a.dim * a.dim + 2 * a.dim * kv + 3 * a.dim * a.ffn_dim + 2 * a.dim
     return a.n_layers * block + 2 * a.vocab_size * a.dim + a.dim
@@ -69,14 +70,14 @@ def total_elements(a: ModelArgs) -> int:
 def test_full_scale_plans_validate_against_the_hand_count(case):
     overrides, shape = FULL_SCALE[case]
     run = load(overrides)
-    chosen = plan(run)
-    assert chosen.shape == shape
+    chosen = choose(run)
+    assert chosen.dims.shape == shape
     rep, shard, _, tp = shape
 
     report = validate(run, chosen, step=False)  # the step is the CLI test's below
 
     assert report.ok and len(report.ranks) == run.world_size
-    args = ModelArgs.from_config(run.model)
+    args = shape_of(run.model)
     # what every rank allocates: FSDP pads the short last shards up to the first one's size
     padded = FP32 * padded_rank_elements(args, shard, tp)
     assert {r.allocated for r in report.ranks} == {padded}
@@ -92,9 +93,9 @@ def test_uneven_fsdp_padding_beyond_five_percent_fails_with_the_figures():
     # tiny (dim 256, kv 128, ffn 768) over 96 ranks: 256 rows pad to 3 x 96 = 288, 128 to 192
     run = load(["hardware=cpu", "trainer.devices=96", "parallelism=fsdp"])
     with pytest.raises(PlanValidationError) as info:
-        validate(run, plan(run))
+        validate(run, choose(run))
     report = info.value.report
-    args = ModelArgs.from_config(run.model)
+    args = shape_of(run.model)
     expected = padded_rank_elements(args, 96, 1) / (total_elements(args) / 96) - 1
     assert report.deviation(report.worst) == pytest.approx(expected)
     assert f"{expected:+.1%}" in str(info.value) and "limit 5%" in str(info.value)
@@ -106,13 +107,12 @@ def test_a_module_that_cannot_train_is_a_validation_error():
     run = load(["hardware=cpu", "trainer.devices=2", "parallelism=fsdp"])
     run.model._target_ = "pytorch_lightning.LightningModule"
     with pytest.raises(PlanValidationError, match="failed"):
-        validate(run, plan(run))
+        validate(run, choose(run))
 
 
 def test_the_step_is_measured_by_component_beside_the_estimate():
     run = load(["hardware=cpu", "trainer.devices=4", "parallelism=fsdp"])
-    chosen = plan(run)
-    report = validate(run, chosen)
+    report = validate(run, choose(run))
     step = report.step
     assert step is not None and step.rank == 0
     # optimizer states are AdamW's two fp32 moments of this rank's shards: twice its parameters
@@ -134,8 +134,8 @@ def test_a_deep_tensor_parallel_step_peaks_where_the_planner_says():
                 "model.n_heads=8", "model.n_kv_heads=2", "model.ffn_dim=1536",
                 "model.n_layers=16", "model.vocab_size=1024", "data.seq_len=32",
                 "data.micro_batch_size=1"])
-    report = validate(run, plan(run))
-    full_model = FP32 * total_elements(ModelArgs.from_config(run.model))
+    report = validate(run, choose(run))
+    full_model = FP32 * total_elements(shape_of(run.model))
     assert report.step is not None and report.step.measured["activations"] < full_model / 10
     assert abs(report.step.deviation) <= report.step_tolerance, report.render()
 

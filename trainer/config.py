@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -32,8 +32,7 @@ CLUSTER_KINDS = ("local", "slurm", "eks")
 EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
 # With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
-# (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
-# default 200-step run always had.
+# (trainer.max_steps=20) gets a short warmup instead of a refusal.
 WARMUP_FRACTION = 0.1
 EXIT_CONFIG_ERROR = 2
 
@@ -84,14 +83,21 @@ class HardwareConfig:
 
 @dataclass
 class ModelConfig:
-    """The reference decoder's shape (presets in `configs/model/`), or a user's LightningModule.
+    """The model: a family's shape (presets in `configs/model/`), or a user's LightningModule.
 
-    `_target_` names the LightningModule class. The default builds the reference decoder from the
-    shape keys; any other class is instantiated with `kwargs` and nothing else.
+    `family` picks the model family (`trainer/models/registry.py`), which reads the shape keys it
+    knows and checks them. `_target_` names the LightningModule class: the default builds the
+    family's model from the shape; any other class is instantiated with `kwargs` and nothing else.
     """
 
     _target_: str = "trainer.module.LanguageModel"  # dotted path of the LightningModule class
+    family: str = "llama"  # the model family: llama
     name: str = "tiny"  # the preset; part of the default MLflow run name
+    # Hugging Face checkpoint to start from: a directory or fsspec URL (s3://...) holding
+    # config.json and *.safetensors; its config must match the shape keys. null: random init.
+    init_from: Optional[str] = None
+    # fsspec options of `init_from`, e.g. endpoint_url for an S3-compatible store
+    storage_options: dict[str, Any] = field(default_factory=dict)
     dim: int = 256  # width of the residual stream (hidden size)
     n_layers: int = 4  # transformer blocks
     n_heads: int = 8  # attention (query) heads; dim / n_heads is the head size
@@ -102,7 +108,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
     norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = False  # the output head shares the token embedding's weights
-    # keyword arguments for a user's `_target_` class (the reference decoder ignores them)
+    # keyword arguments for a user's `_target_` class (a family's model ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,6 +140,10 @@ class DataConfig:
     # Held-out evaluation: a dataset URL, or a fraction (e.g. 0.01) of the training data held
     # out by document (the last documents of each source); null: no evaluation.
     eval: Optional[str] = None
+
+
+# The mesh's dims, outermost first: ranks are laid out row-major over them, so tp varies fastest.
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass
@@ -293,6 +303,32 @@ class PlanConfig:
     memory_headroom: float = 0.9  # plans may use this fraction of a rank's memory
 
 
+# The XLA path (trainer/xla/): torch-neuronx's PyTorch/XLA for Trn1 and Neuron SDKs up to 2.29,
+# and XLA's CPU device for tests. `auto` takes it where hardware.backend is xla.
+STRATEGIES = ("auto", "xla")
+XLA_PRECISIONS = ("32-true", "bf16-true")  # XLA casts the weights; no autocast on this path
+
+
+@dataclass
+class StrategyConfig:
+    """How the ranks train (`configs/strategy/`; docs/hardware/trainium-xla.md). `auto`: the
+    hardware's own path, a device mesh (cpu, cuda, TorchNeuron), or PyTorch/XLA where
+    hardware.backend is xla (trn1). `xla`: PyTorch/XLA on the hardware's PJRT device (NEURON on
+    Trainium, CPU on cpu). The other keys apply to the XLA path only."""
+
+    name: str = "auto"  # auto | xla
+    # NEURON_CC_FLAGS: neuronx-cc options (AWS's Trn1 training recipes pass this model type)
+    neuron_cc_flags: str = "--model-type=transformer"
+    # NEURON_COMPILE_CACHE_URL: compiled graphs shared by every node and run (path or s3:// URL);
+    # null: the Neuron default, /var/tmp/neuron-compile-cache on each node
+    compile_cache: Optional[str] = None
+    # NEURON_RT_STOCHASTIC_ROUNDING_EN under trainer.precision=bf16-true (bf16 weights)
+    stochastic_rounding: bool = True
+    # the SLURM and EKS launchers run `neuron_parallel_compile` for this many steps before
+    # training, filling the compile cache (0: none; graphs compile as training meets them)
+    parallel_compile_steps: int = 0
+
+
 @dataclass
 class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -306,6 +342,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
@@ -321,8 +358,15 @@ class RunConfig:
         return self.cluster.nodes * self.ranks_per_node
 
     @property
-    def uses_reference_model(self) -> bool:
+    def uses_family_model(self) -> bool:
+        """The model is the family's (the default `_target_`), not a user's own module."""
         return self.model._target_ == ModelConfig._target_
+
+    @property
+    def uses_xla(self) -> bool:
+        """PyTorch/XLA trains this run: strategy=xla, or auto on hardware whose backend is xla."""
+        return self.strategy.name == "xla" or (self.strategy.name == "auto"
+                                               and self.hardware.backend == "xla")
 
 
 class Key(str):
@@ -349,7 +393,7 @@ KEY = _keys(RunConfig)
 
 
 # Free-form option dicts: `group.storage_options.endpoint_url=...` adds a key without a `+`.
-OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options")
+OPEN_DICTS = ("checkpoint.storage_options", "data.storage_options", "model.storage_options")
 
 
 def register_schema() -> None:
@@ -368,7 +412,42 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    for key, (group, option) in mandatory_keys(choices).items():
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(key, "???", f"{group}={option} needs it: give {key}=...")
+    return cfg
+
+
+def mandatory_keys(choices: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """{key: (group, option)} for each value a chosen option marks `???` (Hydra's mandatory
+    value). OmegaConf keeps a default when `???` is merged over it, so a recipe's `???` would
+    otherwise become the schema's null without a word."""
+    found: dict[str, tuple[str, str]] = {}
+    for group, option in choices.items():
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if option is None or group.startswith("hydra") or not path.is_file():
+            continue
+        text = path.read_text()
+        prefix = "" if "@package _global_" in text.split("\n", 1)[0] else f"{group}."
+        for key in _missing_leaves(OmegaConf.create(text)):
+            found[prefix + key] = (group, option)
+    return found
+
+
+def _missing_leaves(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        if key == "defaults":
+            continue
+        if OmegaConf.is_missing(node, key):
+            keys.append(f"{prefix}{key}")
+        elif isinstance(node[key], DictConfig):
+            keys += _missing_leaves(node[key], f"{prefix}{key}.")
+    return keys
 
 
 def load(overrides: Sequence[str] = ()) -> RunConfig:
@@ -418,7 +497,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
-                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan):
+                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan,
+                  _check_strategy):
         check(run)
     return run
 
@@ -460,20 +540,14 @@ def _check_hardware(run: RunConfig) -> None:
 
 
 def _check_model(run: RunConfig) -> None:
-    if not run.uses_reference_model:
+    """A user's module must be importable; a family checks its own shape keys when the planner
+    asks it (`trainer.models.registry.model_costs`), so this module needs no family."""
+    if not run.uses_family_model:
         _check_user_module(run.model._target_)
-        return
-    m = run.model
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.dim % m.n_heads:
-        raise ConfigError("model.dim", m.dim, f"must be divisible by model.n_heads={m.n_heads}")
-    if (m.dim // m.n_heads) % 2:
-        raise ConfigError("model.dim", m.dim,
-                          "dim / n_heads must be even (rotary embeddings rotate pairs)")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError("model.n_kv_heads", m.n_kv_heads,
-                          f"must divide model.n_heads={m.n_heads}")
+        if run.model.init_from:
+            raise ConfigError("model.init_from", run.model.init_from,
+                              f"loads a model family's weights; model._target_="
+                              f"{run.model._target_} is a module of your own, which loads its own")
 
 
 def _check_user_module(target: str) -> None:
@@ -493,7 +567,7 @@ def _check_data(run: RunConfig) -> None:
     _positive("data.micro_batch_size", d.micro_batch_size)
     if d.num_workers < 0:
         raise ConfigError("data.num_workers", d.num_workers, "must be 0 or more")
-    if run.uses_reference_model and d.seq_len > run.model.max_seq_len:
+    if run.uses_family_model and d.seq_len > run.model.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len,
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
     if d.sources and d.path is not None:
@@ -531,7 +605,6 @@ def eval_fraction(d: DataConfig) -> float | None:
         return None
 
 
-MESH_DIM_KEYS = ("dp_replicate", "dp_shard", "cp", "tp")
 FSDP_DTYPES = ("float32", "bfloat16")
 
 
@@ -540,7 +613,7 @@ def _check_parallelism(run: RunConfig) -> None:
     shape against the world size, the model and the hardware is the planner's to check."""
     p = run.parallelism
     filled = []
-    for name in MESH_DIM_KEYS:
+    for name in MESH_DIMS:
         size = getattr(p, name)
         if size is None:
             continue
@@ -551,8 +624,6 @@ def _check_parallelism(run: RunConfig) -> None:
     if len(filled) > 1:
         raise ConfigError(f"parallelism.{filled[1]}", -1,
                           f"only one dim may be -1 (parallelism.{filled[0]} already is)")
-    if p.cp not in (None, 1, -1):
-        raise ConfigError("parallelism.cp", p.cp, "context parallel is not implemented yet; use 1")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:
@@ -678,3 +749,16 @@ def _check_plan(run: RunConfig) -> None:
         raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
     if p.pue < 1:
         raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")
+
+
+def _check_strategy(run: RunConfig) -> None:
+    s = run.strategy
+    _one_of("strategy.name", s.name, STRATEGIES)
+    if s.parallel_compile_steps < 0:
+        raise ConfigError("strategy.parallel_compile_steps", s.parallel_compile_steps,
+                          "must be 0 (no compile pass) or more")
+    if run.uses_xla and run.trainer.precision not in XLA_PRECISIONS:
+        raise ConfigError("trainer.precision", run.trainer.precision,
+                          f"the XLA path (strategy={s.name}, hardware={run.hardware.name}) "
+                          f"takes {' or '.join(XLA_PRECISIONS)}: bf16 weights with stochastic "
+                          "rounding stand in for mixed precision there")

@@ -25,7 +25,7 @@ from trainer.data.datamodule import TokenDataModule
 from trainer.hardware import HardwareSpec
 from trainer.module import build_module, precision_plugin
 from trainer.monitor import ProgressDisplay, StepMonitor, Throughput
-from trainer.plan import MeshPlan
+from trainer.plan import ParallelDims
 from trainer.preemption import Preemption, isolate_restart_attempts
 from trainer.preflight import check_startable
 
@@ -34,72 +34,131 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
-    plan: MeshPlan
+    dims: ParallelDims
     checkpoint: str | None
     metrics: dict[str, float]
     run_id: str | None
+
+
+@dataclass
+class Checkpointing:
+    """Where a run saves and what it resumes: the IO its strategy saves through, the directory,
+    and the checkpoint to resume from (None: start fresh)."""
+
+    io: checkpoint.CheckpointIO
+    directory: str
+    resume_from: str | None
 
 
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
         sweep: tracking.SweepInfo | None = None,
         callbacks: Sequence[pl.Callback] = ()) -> FitResult:
     """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
-    mesh_plan = check_startable(run)  # again: callers may come in without preflight
+    dims = check_startable(run)  # again: callers may come in without preflight
+    prepare_process(run)
+    module = build_module(run, dims)
+    data = open_data(run)
+    checkpoints = build_checkpointing(run, dims, run_dir)
+    track = start_tracking(run, dims, run_dir, resolved, overrides, sweep)
+    saver = build_saver(run, checkpoints, track)
+    monitor = StepMonitor(_throughput(run, dims, module), every_n=run.trainer.log_every_n_steps)
+    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
+    # The data's own callbacks (evaluation, a mixture's token counts) come after preemption's:
+    # evaluation gives way to a stop that preemption asked for.
+    trainer = build_trainer(run, dims, checkpoints.io, run_dir, track,
+                            [monitor, saver, preemption, *data.callbacks(),
+                             *display_callbacks(run, monitor, track, data.evaluation), *callbacks],
+                            data.trainer_arguments(run.trainer, dims.accumulation))
+    train(trainer, module, data, checkpoints.resume_from, track, preemption)
+    result = FitResult(dims, saver.last_saved, dict(monitor.latest),
+                       track.run_id if track else None)
+    if trainer.is_global_zero:
+        _report(result, track)
+    return result
+
+
+def prepare_process(run: RunConfig) -> None:
+    """What this process needs before anything is built: quiet logs, equal thread counts, a
+    restart attempt's own state, and the seed."""
     _quiet_lightning()
     _same_threads_on_every_rank(run)
     isolate_restart_attempts()
     pl.seed_everything(run.seed, workers=True, verbose=False)
-    hardware = HardwareSpec(run.hardware)
-    module = build_module(run, mesh_plan)
-    data = TokenDataModule(run.data, seed=run.seed, eval_batches=run.trainer.eval_batches)
-    # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
-    # fails its checksum) stop the run here with one line, before any process group exists.
-    data.setup()
-    # A destination that cannot be written, or a resume URL that is not a committed checkpoint,
-    # stops the run here, before any step or MLflow run exists.
-    checkpoint.check_destination(run.checkpoint, run_dir)
-    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
 
-    if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
-        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
-    track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
-                           mesh_shape=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
-                           rank=_global_rank(run), sweep=sweep,
-                           launch_artifact=_launch_artifact(run))
-    monitor = StepMonitor(_throughput(run, mesh_plan, hardware, module),
-                          every_n=run.trainer.log_every_n_steps)
-    checkpoints = checkpoint.CheckpointIO(
-        run.checkpoint.storage_options, io_threads=run.checkpoint.io_threads,
-        mesh=dict(zip(mesh_plan.dim_names, mesh_plan.shape, strict=True)),
-        config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run))
-    checkpoints.fallback = run.checkpoint.resume == "last"
-    saver = checkpoint.PeriodicCheckpoint(
-        checkpoints, checkpoint.checkpoint_dir(run.checkpoint, run_dir),
-        every_n_steps=run.checkpoint.every_n_steps, keep_last=run.checkpoint.keep_last,
-        keep_every=run.checkpoint.keep_every, async_save=run.checkpoint.async_save,
+
+def open_data(run: RunConfig) -> TokenDataModule:
+    """The training data, opened now: unreadable or truncated shards (or a remote copy that fails
+    its checksum) stop the run with one line before any process group exists."""
+    data = TokenDataModule(run.data, seed=run.seed, eval_batches=run.trainer.eval_batches)
+    data.setup()
+    return data
+
+
+def build_checkpointing(run: RunConfig, dims: ParallelDims, run_dir: Path) -> Checkpointing:
+    """The run's checkpoint IO, after checking the destination can be written and the resume URL
+    is a committed checkpoint (one line, before any step or MLflow run exists)."""
+    cfg = run.checkpoint
+    checkpoint.check_destination(cfg, run_dir)
+    resume_from = checkpoint.resume_path(cfg, run_dir)
+    directory = checkpoint.checkpoint_dir(cfg, run_dir)
+    io = checkpoint.CheckpointIO(
+        cfg.storage_options, io_threads=cfg.io_threads, mesh=dims.sizes,
+        config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run),
+        fallback=cfg.resume == "last",
+        retention=checkpoint.Retention(directory, cfg.keep_last, cfg.keep_every))
+    return Checkpointing(io, directory, resume_from)
+
+
+def build_saver(run: RunConfig, checkpoints: Checkpointing,
+                track: tracking.Tracking | None) -> checkpoint.PeriodicCheckpoint:
+    """The saver in the training loop, reporting each commit or failure to MLflow."""
+    return checkpoint.PeriodicCheckpoint(
+        checkpoints.io, checkpoints.directory, every_n_steps=run.checkpoint.every_n_steps,
+        async_save=run.checkpoint.async_save,
         on_saved=track.log_checkpoint if track else None,
         on_failed=track.log_checkpoint_failure if track else None)
-    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
-    # after preemption's: evaluation gives way to a stop it asked for
-    every: list[pl.Callback] = [monitor, saver, preemption, *data.callbacks()]
-    if run.trainer.progress_bar:
-        every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
-                                                                  run.trainer.max_steps // 20),
-                                     evaluation=data.evaluation))
-    if track:
-        every.append(tracking.RunContinuity(track))
-    every += callbacks
 
-    trainer = pl.Trainer(
+
+def start_tracking(run: RunConfig, dims: ParallelDims, run_dir: Path, resolved: dict[str, Any],
+                   overrides: list[str],
+                   sweep: tracking.SweepInfo | None) -> tracking.Tracking | None:
+    """The MLflow run this attempt logs to (None with tracking=none); a sweep job a cluster
+    started finds its sweep from launch.sweep_dir."""
+    if sweep is None and run.launch.sweep_dir:
+        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
+    return tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
+                          mesh_shape=dims.sizes, rank=_global_rank(run), sweep=sweep,
+                          launch_artifact=_launch_artifact(run))
+
+
+def display_callbacks(run: RunConfig, monitor: StepMonitor, track: tracking.Tracking | None,
+                      evaluation: Any = None) -> list[pl.Callback]:
+    """What a person watches: the progress display (with the latest `evaluation`), and MLflow's
+    view of the run's continuity and checkpoints."""
+    shown: list[pl.Callback] = []
+    if run.trainer.progress_bar:
+        shown.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
+                                                            run.trainer.max_steps // 20),
+                                     evaluation=evaluation))
+    if track:
+        shown.append(tracking.RunContinuity(track))
+    return shown
+
+
+def build_trainer(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointIO, run_dir: Path,
+                  track: tracking.Tracking | None, callbacks: list[pl.Callback],
+                  validation: dict[str, Any]) -> pl.Trainer:
+    """The Lightning Trainer; `validation` schedules the validation loop (evaluation's)."""
+    return pl.Trainer(
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
-        strategy=checkpoint.attach(build_strategy(run, mesh_plan), checkpoints),
+        strategy=build_strategy(run, dims, io),
         plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
-        accumulate_grad_batches=mesh_plan.accumulation,
+        accumulate_grad_batches=dims.accumulation,
         logger=tracking.TrackingLogger(track) if track else False,
-        callbacks=every,
+        callbacks=callbacks,
         default_root_dir=run_dir,
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by
         # global rank, wrong under tensor parallel) and its position is part of the checkpoint.
@@ -108,13 +167,19 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         enable_progress_bar=False,  # ProgressDisplay counts optimizer steps, not epoch batches
         enable_model_summary=False,
         log_every_n_steps=run.trainer.log_every_n_steps,
-        **data.trainer_arguments(run.trainer, mesh_plan.accumulation),  # evaluation's schedule
+        **validation,
     )
-    if ckpt_path and trainer.is_global_zero:
-        log.info("resuming from %s", ckpt_path)
+
+
+def train(trainer: pl.Trainer, module: pl.LightningModule, data: TokenDataModule,
+          resume_from: str | None, track: tracking.Tracking | None,
+          preemption: Preemption) -> None:
+    """`Trainer.fit`, with the MLflow run's status decided from how it ended."""
+    if resume_from and trainer.is_global_zero:
+        log.info("resuming from %s", resume_from)
     ended: BaseException | None = None
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     except BaseException as exc:
         ended = exc
         if isinstance(exc, SIGTERMException):
@@ -128,16 +193,10 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
             stopped = trainer.interrupted or preemption.stopped
             track.close(tracking.status_for(ended, interrupted=stopped))
     # Only after a clean finish: a rank that raised may leave others inside a collective, where
-    # tearing the group down would hang them. torch asks every process to do this (NCCL's
-    # pending work is flushed here); gloo's threads outlive it while the meshes hold their
-    # backends, which `trainer.train` deals with at exit.
+    # tearing the group down would hang them. NCCL's pending work is flushed here; gloo's threads
+    # outlive it (`trainer.train` deals with them at exit).
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    result = FitResult(mesh_plan, saver.last_saved, dict(monitor.latest),
-                       track.run_id if track else None)
-    if trainer.is_global_zero:
-        _report(result, track)
-    return result
 
 
 def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
@@ -146,19 +205,26 @@ def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
     return (path.name, path.read_text()) if path and path.is_file() else None
 
 
-def build_strategy(run: RunConfig, mesh_plan: MeshPlan) -> Any:
+def build_strategy(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointIO) -> Any:
     hardware = run.hardware
-    if mesh_plan.world_size == 1:
-        return checkpoint.single_process(hardware.device_type)
-    if mesh_plan.replicas_only:
-        return checkpoint.data_parallel(hardware.backend)
+    if run.uses_xla:
+        from trainer.xla.strategy import build_strategy as xla_strategy
+
+        return xla_strategy(run, dims, io)
+    if dims.world_size == 1:
+        return checkpoint.SingleProcess(io, hardware.device_type)
+    if dims.replicas_only:
+        return checkpoint.DataParallel(io, hardware.backend)
     from trainer.mesh import MeshStrategy
 
-    return MeshStrategy(mesh_plan, HardwareSpec(hardware),
-                        storage_options=run.checkpoint.storage_options)
+    return MeshStrategy(dims, HardwareSpec(hardware), io)
 
 
 def _accelerator(run: RunConfig) -> Any:
+    if run.uses_xla:
+        from trainer.xla.strategy import XlaAccelerator
+
+        return XlaAccelerator()
     if run.hardware.device_type == "neuron":
         from trainer.mesh import neuron_accelerator
 
@@ -166,14 +232,14 @@ def _accelerator(run: RunConfig) -> Any:
     return run.hardware.device_type
 
 
-def _throughput(run: RunConfig, mesh_plan: MeshPlan, hardware: HardwareSpec,
-                module: pl.LightningModule) -> Throughput:
+def _throughput(run: RunConfig, dims: ParallelDims, module: pl.LightningModule) -> Throughput:
+    hardware = HardwareSpec(run.hardware)
     flops = getattr(module, "flops_per_token", None)
     return Throughput(
-        tokens_per_step=mesh_plan.tokens_per_step,
+        tokens_per_step=dims.tokens_per_step,
         flops_per_token=flops(run.data.seq_len) if callable(flops) else None,
         peak_flops_per_chip=hardware.peak_flops_per_rank() * run.hardware.ranks_per_chip,
-        chips=mesh_plan.world_size / run.hardware.ranks_per_chip,
+        chips=dims.world_size / run.hardware.ranks_per_chip,
     )
 
 
@@ -214,8 +280,8 @@ def _global_rank(run: RunConfig) -> int:
 def _report(result: FitResult, track: tracking.Tracking | None) -> None:
     if result.metrics:
         log.info("final loss %.4f after %d rank(s), mesh %s",
-                 result.metrics.get("train/loss", float("nan")), result.plan.world_size,
-                 result.plan.describe())
+                 result.metrics.get("train/loss", float("nan")), result.dims.world_size,
+                 result.dims.describe())
     if result.checkpoint:
         log.info("checkpoint: %s", result.checkpoint)
     if track is not None:

@@ -1,10 +1,10 @@
-"""The device mesh a `MeshPlan` describes, and the Lightning strategy that owns it.
+"""The device mesh a `ParallelDims` describes, and the Lightning strategy that owns it.
 
-`MeshStrategy` is Lightning's `ModelParallelStrategy` with the mesh made from the plan: it starts
+`MeshStrategy` is Lightning's `ModelParallelStrategy` with the mesh made from the dims: it starts
 the process group with the hardware's backend (gloo on CPU, nccl on CUDA, neuron on Trainium), then
-`init_device_mesh(device_type, plan.shape, mesh_dim_names=plan.dim_names)` over all four dims
-("dp_replicate", "dp_shard", "cp", "tp"), and gives it to the LightningModule, whose
-`configure_model` lays the model out over it (`trainer.models.parallelize`). Lightning's own
+`init_device_mesh(device_type, dims.shape, mesh_dim_names=dims.dim_names)` over every mesh dim
+(`trainer.config.MESH_DIMS`), and gives it to the LightningModule, whose
+`configure_model` lays the model out over it (its family's `parallelize`). Lightning's own
 strategy knows two dims only and no replication across FSDP groups (HSDP).
 
 Ranks are laid out row-major, tp fastest: with torchrun's node-major numbering a tp group is tp
@@ -25,8 +25,10 @@ from pytorch_lightning.accelerators import Accelerator
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from trainer.checkpoint.io import CheckpointIO
+from trainer.checkpoint.strategies import SavesThroughDcp
 from trainer.hardware import HardwareSpec
-from trainer.plan import MeshPlan
+from trainer.plan import ParallelDims
 
 log = logging.getLogger(__name__)
 
@@ -37,57 +39,41 @@ NEURON_INSTALL_HINT = (
     "(on a Trn2/Trn3 instance with the Neuron driver and runtime; see docs/hardware.md)")
 
 
-class MeshStrategy(ModelParallelStrategy):
-    """Lightning's model-parallel strategy over the N-D mesh of a `MeshPlan`.
+class MeshStrategy(SavesThroughDcp, ModelParallelStrategy):
+    """Lightning's model-parallel strategy over the N-D mesh of a `ParallelDims`.
 
     Checkpoints are torch.distributed.checkpoint directories, one shard per rank, loadable into
-    another mesh, written and read by `trainer.checkpoint.CheckpointIO` (fsspec URLs, with
-    `storage_options` for the endpoint and credentials), as for every other strategy.
+    another mesh, written and read by the `CheckpointIO` it is built with, as for every other
+    strategy (`SavesThroughDcp`).
     """
 
-    def __init__(self, plan: MeshPlan, hardware: HardwareSpec,
-                 timeout: timedelta | None = default_pg_timeout,
-                 storage_options: dict[str, Any] | None = None):
+    def __init__(self, dims: ParallelDims, hardware: HardwareSpec, checkpoints: CheckpointIO,
+                 timeout: timedelta | None = default_pg_timeout):
         super().__init__(process_group_backend=process_group_backend(hardware),
                          save_distributed_checkpoint=True, timeout=timeout)
-        self.plan = plan
+        self.dims = dims
         self.hardware = hardware
-        self.storage_options = dict(storage_options or {})
+        self.checkpoints = checkpoints
 
     def setup_environment(self) -> None:
         if self.hardware.device_type == "neuron":
             import_torch_neuronx()  # registers the "neuron" device and process-group backend
         self._setup_distributed()  # Lightning's: device, ranks, init_process_group
-        if self.world_size != self.plan.world_size:
+        if self.world_size != self.dims.world_size:
             raise RuntimeError(
-                f"the plan's mesh {self.plan.mesh_str} needs {self.plan.world_size} ranks, but "
+                f"the mesh {self.dims.mesh_str} needs {self.dims.world_size} ranks, but "
                 f"{self.world_size} processes started (cluster.nodes x trainer.devices)")
-        self._device_mesh = build_mesh(self.plan, self.hardware.device_type)
+        self._device_mesh = build_mesh(self.dims, self.hardware.device_type)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
         if self.global_rank == 0:
-            log.info("device mesh %s over %s", self.plan.describe(), self.hardware.device_type)
+            log.info("device mesh %s over %s", self.dims.describe(), self.hardware.device_type)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         """Batches are split by data-parallel rank only: tensor-parallel peers share a batch."""
         num_replicas, rank = data_parallel_rank(self.device_mesh)
         return {"num_replicas": num_replicas, "rank": rank}
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
-                        storage_options: Any | None = None) -> None:
-        """Every rank writes its shards through the one DCP-over-fsspec path (trainer.checkpoint)
-        that every strategy uses, for local paths and URLs alike."""
-        from trainer.checkpoint import checkpoint_io_of
-
-        checkpoint_io_of(self, self.storage_options).save_checkpoint(checkpoint, filepath)
-
-    def load_checkpoint(self, checkpoint_path: Any,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        """Each rank reads the pieces its own shards need, whatever mesh wrote them."""
-        from trainer.checkpoint import checkpoint_io_of
-
-        return checkpoint_io_of(self, self.storage_options).load_checkpoint(checkpoint_path)
 
 
 def process_group_backend(hardware: HardwareSpec) -> str:
@@ -99,9 +85,9 @@ def process_group_backend(hardware: HardwareSpec) -> str:
     return hardware.backend
 
 
-def build_mesh(plan: MeshPlan, device_type: str) -> DeviceMesh:
-    """The plan's mesh over the default process group, which must already span its world."""
-    return init_device_mesh(device_type, plan.shape, mesh_dim_names=plan.dim_names)
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """The mesh of `dims` over the default process group, which must already span its world."""
+    return init_device_mesh(device_type, dims.shape, mesh_dim_names=dims.dim_names)
 
 
 def data_parallel_rank(mesh: DeviceMesh) -> tuple[int, int]:

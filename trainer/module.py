@@ -1,7 +1,8 @@
-"""`LanguageModel`: the LightningModule that trains the reference decoder on next tokens."""
+"""`LanguageModel`: the LightningModule that trains a model family's decoder on next tokens."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -9,28 +10,33 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import RunConfig, locate
-from trainer.models.llama import ModelArgs, Transformer, flops_per_token
-from trainer.models.parallelize import COMPILE_BACKENDS, parallelize
+from trainer.models.parallel import compile_backend
+from trainer.models.registry import family_of, shape_of
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
-from trainer.plan import MeshPlan
+from trainer.plan import ParallelDims
+
+log = logging.getLogger(__name__)
 
 
 class LanguageModel(pl.LightningModule):
-    """Builds the decoder in `configure_model`, born sharded: constructed on the meta device,
-    laid out over the plan's device mesh (`self.device_mesh`, set by the mesh strategy before
-    that hook runs), then each rank allocates and initialises only its own shards."""
+    """Builds the family's model in `configure_model`, born sharded: constructed on the meta
+    device, laid out over the device mesh (`self.device_mesh`, set by the mesh strategy before
+    that hook runs), then each rank allocates and fills only its own shards: from the seed, or
+    from a Hugging Face checkpoint (`model.init_from`)."""
 
-    def __init__(self, run: RunConfig, plan: MeshPlan):
+    def __init__(self, run: RunConfig, dims: ParallelDims):
         super().__init__()
         self.run = run
-        self.plan = plan
-        self.args = ModelArgs.from_config(run.model)
-        self.model: Transformer | None = None
+        self.dims = dims
+        self.family = family_of(run.model)
+        self.args = shape_of(run.model)
+        self.model: torch.nn.Module | None = None
+        self.pretrained: dict[str, float] | None = None  # what loading `model.init_from` took
         # Read by the step monitor: kept on the device so logging never forces a sync per step.
         self.last_grad_norm: torch.Tensor | None = None
 
     def flops_per_token(self, seq_len: int) -> float:
-        return flops_per_token(self.args, seq_len)
+        return self.args.flops_per_token(seq_len)
 
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again, e.g. when resuming
@@ -40,18 +46,48 @@ class LanguageModel(pl.LightningModule):
         # parameters' (bf16 under "bf16-true").
         device = torch.get_default_device()
         with torch.device("meta"):
-            model = Transformer(self.args)
+            model = self.family.build(self.args)
         mesh = self.device_mesh
-        if self.plan.uses_mesh and mesh is None:  # never train unsharded what the plan shards
-            raise RuntimeError(f"the plan {self.plan.describe()} shards the model, but no device "
+        if self.dims.uses_mesh and mesh is None:  # never train unsharded what the dims shard
+            raise RuntimeError(f"the mesh {self.dims.describe()} shards the model, but no device "
                                f"mesh was handed to the module (a mesh strategy sets it before "
                                f"configure_model)")
-        parallelize(model, mesh if self.plan.uses_mesh else None, self.plan,
-                    self.run.parallelism, precision=self.run.trainer.precision,
-                    compile_backend=_compile_backend(device))
+        self.family.parallelize(model, mesh if self.dims.uses_mesh else None, self.dims,
+                                self.run.parallelism, backend=compile_backend(device.type))
         model.to_empty(device=device)
-        model.init_weights(seed=self.run.seed, buffer_device=device)
+        self.family.init_weights(model, self.run.seed, device)
+        if self.run.model.init_from and device.type != "meta":  # meta: a validation's build
+            self.pretrained = self._load_pretrained(model)
         self.model = model
+
+    def _load_pretrained(self, model: torch.nn.Module) -> dict[str, float]:
+        """Fill this rank's shards from `model.init_from`; what it read and the memory it took
+        beyond the shards, logged by rank 0 and kept for whoever asks."""
+        import time
+
+        from trainer.models.hf import load_pretrained
+        from trainer.monitor import PeakMemory
+
+        start = time.perf_counter()
+        with PeakMemory() as peak:
+            report = load_pretrained(model, self.family, self.args, self.run.model.init_from,
+                                     self.run.model.storage_options)
+        figures = {"tensors": report.tensors, "read_bytes": report.bytes_read,
+                   "shard_bytes": report.local_bytes, "seconds": time.perf_counter() - start,
+                   "peak_beyond_bytes": peak.beyond if peak.beyond is not None else -1}
+        ranks = [figures]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [{}] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, figures)
+        if self.global_rank == 0:
+            worst = max(ranks, key=lambda r: r["peak_beyond_bytes"] + r["shard_bytes"])
+            memory = (f"peak memory +{worst['peak_beyond_bytes'] / 2**20:.1f} MiB while loading"
+                      if worst["peak_beyond_bytes"] >= 0 else "peak memory not measured here")
+            log.info("loaded %d tensors from %s in %.1f s; the rank holding most read %.1f MiB "
+                     "for %.1f MiB of shards, %s", report.tensors, self.run.model.init_from,
+                     max(r["seconds"] for r in ranks), worst["read_bytes"] / 2**20,
+                     worst["shard_bytes"] / 2**20, memory)
+        return figures
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -80,11 +116,11 @@ class LanguageModel(pl.LightningModule):
         self.last_grad_norm = clip_grad_norm(self.model.parameters(), self.run.optim.grad_clip)
 
 
-def build_module(run: RunConfig, plan: MeshPlan) -> pl.LightningModule:
-    """The reference decoder's module, or the user's `model._target_` built from `model.kwargs`.
+def build_module(run: RunConfig, dims: ParallelDims) -> pl.LightningModule:
+    """The family model's module, or the user's `model._target_` built from `model.kwargs`.
     The trainer and the plan validation both build it here."""
-    if run.uses_reference_model:
-        return LanguageModel(run, plan)
+    if run.uses_family_model:
+        return LanguageModel(run, dims)
     return locate(run.model._target_)(**run.model.kwargs)
 
 
@@ -103,7 +139,3 @@ def precision_plugin(run: RunConfig, device_type: str | None = None) -> Any:
     if precision.endswith("-true") and precision != "32-true":
         return HalfPrecision(precision)  # type: ignore[arg-type]
     return Precision()
-
-
-def _compile_backend(device: torch.device) -> str:
-    return COMPILE_BACKENDS.get(device.type, "inductor")

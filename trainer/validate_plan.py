@@ -1,6 +1,6 @@
 """Check a plan with the code that will run it, at full scale, in one process.
 
-`validate(run, plan)` starts PyTorch's fake process group at the plan's full world size, builds
+`validate(run, chosen)` starts PyTorch's fake process group at the plan's full world size, builds
 the real mesh (`trainer.mesh.build_mesh`) and the module exactly as the trainer does
 (`trainer.module.build_module`, then its own `configure_model`: meta device, `parallelize()`,
 shards allocated under `FakeTensorMode`, which holds shapes and no data). Two checks follow.
@@ -48,7 +48,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from trainer.config import KEY, ConfigError, RunConfig
 from trainer.hardware import GIB
-from trainer.plan import MeshPlan
+from trainer.plan import Candidate, ParallelDims
 
 TOLERANCE = 0.05  # parameter bytes: pure layout arithmetic, only FSDP's padding moves it
 STEP_TOLERANCE = 0.15  # the step's peak against the planner's total (module doc: why)
@@ -56,7 +56,7 @@ FSDP_DIMS = ("dp_shard",)  # the mesh dims FSDP2 shards over (dp_replicate only 
 
 
 @dataclass(frozen=True)
-class Layout:
+class ParamLayout:
     """How one parameter is laid out: enough to derive any rank's share of it."""
 
     name: str
@@ -128,7 +128,7 @@ class StepMemory:
     rank: int
     measured: dict[str, float]
     estimated: dict[str, float]
-    without_checkpointing: bool = False  # measured and estimated without it (`step_plan`)
+    without_checkpointing: bool = False  # measured and estimated without it (`step_candidate`)
 
     @property
     def peak(self) -> float:
@@ -145,7 +145,7 @@ class StepMemory:
 
 @dataclass
 class ValidationReport:
-    plan: MeshPlan
+    dims: ParallelDims
     dtype: torch.dtype
     estimate: float  # bytes of parameters per rank, the planner's figure
     ranks: list[RankBytes]
@@ -177,7 +177,7 @@ class ValidationReport:
     def render(self) -> str:
         """Parameter bytes by groups of ranks with identical bytes, then the step's memory by
         component, each beside the planner's estimate."""
-        p = self.plan
+        p = self.dims
         unit, scale = ("GiB", GIB) if self.estimate >= GIB else ("MiB", 2**20)
         lines = [f"validated {p.mesh_str} ({' x '.join(p.dim_names)}) on a fake process group of "
                  f"{p.world_size} ranks in {self.seconds:.1f} s: the module's own "
@@ -220,80 +220,82 @@ class ValidationReport:
 class PlanValidationError(ConfigError):
     """The plan failed validation; `report` holds the per-rank figures when it got that far."""
 
-    def __init__(self, plan: MeshPlan, why: str, report: ValidationReport | None = None):
-        super().__init__(KEY.parallelism, plan.mesh_str, f"{KEY.plan.validate}: {why}")
+    def __init__(self, dims: ParallelDims, why: str, report: ValidationReport | None = None):
+        super().__init__(KEY.parallelism, dims.mesh_str, f"{KEY.plan.validate}: {why}")
         self.report = report
 
 
-def validate(run: RunConfig, plan: MeshPlan, *, tolerance: float = TOLERANCE,
+def validate(run: RunConfig, chosen: Candidate, *, tolerance: float = TOLERANCE,
              step: bool = True) -> ValidationReport:
-    """Build `plan` for `run` at full scale with a fake process group, through the module's own
+    """Build `chosen` for `run` at full scale with a fake process group, through the module's own
     `configure_model`, check each rank's parameter bytes against the planner's estimate and,
     with `step`, one training step's memory at rank 0. Raises `PlanValidationError` (a
     ConfigError) when a build or the step fails or a figure is past its tolerance."""
     start = time.perf_counter()
-    last = plan.world_size - 1
+    dims = chosen.dims
+    last = dims.world_size - 1
     built_ranks = (0, last) if last else (0,)
     builds: dict[int, Build] = {}
     measured: StepMemory | None = None
-    stepped_plan = step_plan(run, plan)
+    stepped = step_candidate(run, chosen)
     try:
         for rank in built_ranks:
-            stepped = step and rank == 0
+            with_step = step and rank == 0
             builds[rank], step_memory = build_and_step(
-                run, stepped_plan if stepped else plan, rank, step=stepped)
+                run, stepped if with_step else chosen, rank, step=with_step)
             measured = measured or step_memory
     except PlanValidationError:
         raise
     except Exception as exc:  # any failure of the real code is the finding
-        raise PlanValidationError(plan, f"building or stepping the module failed: "
+        raise PlanValidationError(dims, f"building or stepping the module failed: "
                                         f"{type(exc).__name__}: {_first_line(exc)}") from exc
-    if measured is not None and stepped_plan is not plan:
+    if measured is not None and stepped is not chosen:
         measured = dataclasses.replace(measured, without_checkpointing=True)
     layouts = [layout for layout, _, _ in builds[0]]
     for rank, build in builds.items():
-        check_against_build(plan, rank, build)
-    ranks = [rank_bytes(layouts, plan, rank) for rank in range(plan.world_size)]
+        check_against_build(dims, rank, build)
+    ranks = [rank_bytes(layouts, dims, rank) for rank in range(dims.world_size)]
     dtype = _dtype_of(layouts)
-    report = ValidationReport(plan, dtype, plan.memory_breakdown["params"], ranks,
+    report = ValidationReport(dims, dtype, chosen.estimate.memory["params"], ranks,
                               time.perf_counter() - start, built_ranks, measured, tolerance)
     if not report.params_ok:
         worst = report.worst
         raise PlanValidationError(
-            plan, f"rank {worst.rank} allocates {format_bytes(worst.allocated)} of parameters, "
+            dims, f"rank {worst.rank} allocates {format_bytes(worst.allocated)} of parameters, "
                   f"the planner estimated {format_bytes(report.estimate)} "
                   f"({report.deviation(worst):+.1%}, limit {tolerance:.0%})", report)
     if not report.step_ok and measured is not None:
         raise PlanValidationError(
-            plan, f"one training step at rank 0 peaks at {format_bytes(measured.peak)}, the "
+            dims, f"one training step at rank 0 peaks at {format_bytes(measured.peak)}, the "
                   f"planner estimated {format_bytes(measured.estimate)} "
                   f"({measured.deviation:+.1%}, limit {report.step_tolerance:.0%})", report)
     return report
 
 
-def step_plan(run: RunConfig, plan: MeshPlan) -> MeshPlan:
-    """The plan whose step is measured: `plan` itself, except where activation checkpointing
+def step_candidate(run: RunConfig, chosen: Candidate) -> Candidate:
+    """The candidate whose step is measured: `chosen` itself, except where activation checkpointing
     meets FSDP2. Under FakeTensorMode the blocks' recomputed activations are then never freed
     (seen with torch 2.13: 8 checkpointed blocks of dim 1024 over 2 ranks hold 0.70 GiB of
     activations fake, 0.33 GiB in a real 2-process gloo run of the same module; without FSDP2,
     fake and real agree), so the step is measured without checkpointing and compared with the
     planner's estimate for the same mesh without it. What checkpointing itself saves (each block
     keeps its input) is checked on real processes by the tests."""
-    if not (plan.activation_checkpointing and plan.fsdp):
-        return plan
-    from trainer.plan.planner import RunFacts, evaluate
+    if not (chosen.dims.activation_checkpointing and chosen.dims.fsdp):
+        return chosen
+    from trainer.plan import RunFacts, evaluate
 
-    return evaluate(RunFacts.of(run), plan.shape, False)  # type: ignore[arg-type]
+    return evaluate(RunFacts.of(run), chosen.dims.shape, False)
 
 
 # ------------------------------------------------------------------------------------------------
 # Building at one rank
 
 
-Build = list[tuple[Layout, int, int]]  # (layout, local elements, storage elements) per parameter
+# (layout, local elements, storage elements) per parameter
+Build = list[tuple[ParamLayout, int, int]]
 
 
-def build_and_step(run: RunConfig, plan: MeshPlan, rank: int, *,
+def build_and_step(run: RunConfig, chosen: Candidate, rank: int, *,
                    step: bool) -> tuple[Build, StepMemory | None]:
     """The module as `rank` of a fake world builds it (the trainer's own calls: the mesh, the
     module, the precision plugin's init context, `configure_model`), each parameter's layout
@@ -303,9 +305,10 @@ def build_and_step(run: RunConfig, plan: MeshPlan, rank: int, *,
     from trainer.mesh import build_mesh
     from trainer.module import build_module, precision_plugin
 
-    with fake_world(rank, plan.world_size):
-        mesh = build_mesh(plan, "cpu")  # the fake backend moves nothing; the device is moot
-        module = build_module(run, plan)
+    dims = chosen.dims
+    with fake_world(rank, dims.world_size):
+        mesh = build_mesh(dims, "cpu")  # the fake backend moves nothing; the device is moot
+        module = build_module(run, dims)
         module._device_mesh = mesh  # what the mesh strategy hands the module before the hook
         precision = precision_plugin(run, device_type="cpu")
         # The hook runs as the trainer runs it, on the meta device: parallelize() needs real
@@ -318,11 +321,12 @@ def build_and_step(run: RunConfig, plan: MeshPlan, rank: int, *,
             model.to_empty(device="cpu")
             build = [(_layout_of(name, param), *_local_sizes(param))
                      for name, param in model.named_parameters()]
-            memory = measure_step(run, plan, module, model, precision, rank) if step else None
+            memory = (measure_step(run, chosen, module, model, precision, rank) if step
+                      else None)
         return build, memory
 
 
-def measure_step(run: RunConfig, plan: MeshPlan, module, model: torch.nn.Module, precision,
+def measure_step(run: RunConfig, chosen: Candidate, module, model: torch.nn.Module, precision,
                  rank: int) -> StepMemory:
     """Memory of a steady-state training step of `module` on a micro-batch of fake tokens:
     optimizer states already allocated (as from the second step on), then forward, loss,
@@ -363,7 +367,7 @@ def measure_step(run: RunConfig, plan: MeshPlan, module, model: torch.nn.Module,
                               for kind, nbytes in peak.items()})
     measured["optimizer states"] = float(_state_bytes(optimizer))
     return StepMemory(rank, measured, {
-        name: sum(plan.memory_breakdown.get(part, 0.0) for part in parts)
+        name: sum(chosen.estimate.memory.get(part, 0.0) for part in parts)
         for name, parts in COMPONENTS.items()})
 
 
@@ -418,7 +422,7 @@ def _optimizer_of(configured) -> torch.optim.Optimizer:
     return configured
 
 
-def _dtype_of(layouts: Sequence[Layout]) -> torch.dtype:
+def _dtype_of(layouts: Sequence[ParamLayout]) -> torch.dtype:
     widths = {layout.itemsize for layout in layouts}
     return torch.bfloat16 if widths == {2} else torch.float32
 
@@ -438,13 +442,13 @@ def fake_world(rank: int, world_size: int) -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _layout_of(name: str, param: torch.Tensor) -> Layout:
+def _layout_of(name: str, param: torch.Tensor) -> ParamLayout:
     if isinstance(param, DTensor):
         mesh = param.device_mesh
-        return Layout(name, tuple(param.shape), param.element_size(),
+        return ParamLayout(name, tuple(param.shape), param.element_size(),
                       tuple(mesh.mesh_dim_names or ()), tuple(mesh.shape),
                       tuple(param.placements))
-    return Layout(name, tuple(param.shape), param.element_size(), (), (), ())
+    return ParamLayout(name, tuple(param.shape), param.element_size(), (), (), ())
 
 
 def _local_sizes(param: torch.Tensor) -> tuple[int, int]:
@@ -461,10 +465,10 @@ def _first_line(exc: BaseException) -> str:
 # Every rank from the layouts
 
 
-def rank_bytes(layouts: Sequence[Layout], plan: MeshPlan, rank: int) -> RankBytes:
+def rank_bytes(layouts: Sequence[ParamLayout], dims: ParallelDims, rank: int) -> RankBytes:
     """One rank's parameter bytes. Alike parameters (every block's wq, ...) are sized once."""
-    coords = plan.coordinates(rank)
-    alike: dict[tuple, list[Layout]] = {}
+    coords = dims.coordinates(rank)
+    alike: dict[tuple, list[ParamLayout]] = {}
     for layout in layouts:
         alike.setdefault(layout.signature, []).append(layout)
     held = allocated = 0
@@ -475,14 +479,14 @@ def rank_bytes(layouts: Sequence[Layout], plan: MeshPlan, rank: int) -> RankByte
     return RankBytes(rank, held, allocated)
 
 
-def check_against_build(plan: MeshPlan, rank: int, build: Build) -> None:
+def check_against_build(dims: ParallelDims, rank: int, build: Build) -> None:
     """The layout arithmetic must give exactly what the real build at `rank` holds."""
-    coords = plan.coordinates(rank)
+    coords = dims.coordinates(rank)
     for layout, local, storage in build:
         expected = (layout.held(coords), layout.allocated(coords))
         if expected != (local, storage):
             raise PlanValidationError(
-                plan, f"{layout.name} at rank {rank}: the build holds {local} elements in "
+                dims, f"{layout.name} at rank {rank}: the build holds {local} elements in "
                       f"{storage}, the layout gives {expected[0]} in {expected[1]}")
 
 

@@ -237,13 +237,14 @@ def test_an_unwritable_destination_stops_before_any_step(moto_server, workdir):
 def test_export_loads_in_transformers_with_equal_logits(straight, moto_server, tmp_path):
     transformers = pytest.importorskip("transformers")
     from trainer.config import load
-    from trainer.models.llama import ModelArgs, Transformer
+    from trainer.models.llama.model import Transformer
+    from trainer.models.registry import shape_of
 
     proc = cli("export", straight["url"], "--step", "6", "--to", str(tmp_path / "hf"),
                "-o", f"endpoint_url={moto_server.endpoint}", env=run_env(moto_server))
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    ours = Transformer(ModelArgs.from_config(load(["model.n_layers=1"]).model))
+    ours = Transformer(shape_of(load(["model.n_layers=1"]).model))
     state = weights(f"{straight['url']}/step-00000006.ckpt",
                     {"endpoint_url": moto_server.endpoint})
     ours.load_state_dict({k.removeprefix("state_dict.model."): v for k, v in state.items()})

@@ -25,14 +25,15 @@ from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig, ParallelismConfig
 from trainer.mesh import data_parallel_rank
-from trainer.models.llama import ModelArgs, Transformer
-from trainer.models.parallelize import parallelize
+from trainer.models.llama.model import Transformer
+from trainer.models.llama.parallelize import parallelize
+from trainer.models.llama.shape import LlamaArgs
 from trainer.optim import build_optimizer, clip_grad_norm
-from trainer.plan import MeshPlan
+from trainer.plan import ParallelDims
 
 DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 # n_kv_heads = n_heads = 4 lets tp go up to 4; vocab 96 splits evenly over 2 and 4
-ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, ffn_dim=128,
+ARGS = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=96, ffn_dim=128,
                  max_seq_len=16)
 STEPS, MICRO_BATCH, MAX_NORM, SEED = 3, 2, 0.5, 1234
 OPTIM = OptimConfig(lr=1e-2)
@@ -63,14 +64,14 @@ SCENARIOS = [
 
 
 def run(scenario: Scenario) -> dict[str, float]:
-    args = ModelArgs(**{**ARGS.__dict__, "tie_embeddings": scenario.tie_embeddings})
+    args = LlamaArgs(**{**ARGS.__dict__, "tie_embeddings": scenario.tie_embeddings})
     mesh = init_device_mesh("cpu", scenario.shape, mesh_dim_names=DIMS)
-    plan = MeshPlan(*scenario.shape, activation_checkpointing=scenario.activation_checkpointing)
+    dims = ParallelDims(scenario.shape, scenario.activation_checkpointing)
     cfg = ParallelismConfig(sequence_parallel=scenario.sequence_parallel,
                             compile=scenario.compile_backend is not None)
     with torch.device("meta"):
         model = Transformer(args)
-    parallelize(model, mesh, plan, cfg, compile_backend=scenario.compile_backend)
+    parallelize(model, mesh, dims, cfg, backend=scenario.compile_backend)
     model.to_empty(device="cpu")
     model.init_weights(seed=SEED)
     reference = Transformer(args)
@@ -132,7 +133,7 @@ def diverged_tp_ranks() -> str:
     with torch.no_grad():
         model.norm.weight.add_(dist.get_rank())
     try:
-        parallelize(model, mesh, MeshPlan(1, 2, 1, 2), ParallelismConfig())
+        parallelize(model, mesh, ParallelDims((1, 2, 1, 2)), ParallelismConfig())
     except RuntimeError as exc:
         return str(exc)
     return ""

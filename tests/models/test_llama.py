@@ -7,27 +7,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.llama import (
-    ModelArgs,
-    Transformer,
-    apply_rotary,
-    flops_per_token,
-    num_params,
-    rotary_tables,
-)
+from trainer.models.llama.model import Transformer, apply_rotary, rotary_tables
+from trainer.models.llama.shape import LlamaArgs
+from trainer.models.registry import shape_of
 
-TINY = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64,
+TINY = LlamaArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_dim=64,
                  max_seq_len=16)
 # Llama 3 8B (Meta's params.json); ffn_dim is the 14336 that its ffn_dim_multiplier produces
-LLAMA3_8B = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
+LLAMA3_8B = LlamaArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256,
                       ffn_dim=14336, max_seq_len=8192, rope_theta=500000.0)
 
 
-def tiny(**changes) -> ModelArgs:
-    return ModelArgs(**{**TINY.__dict__, **changes})
+def tiny(**changes) -> LlamaArgs:
+    return LlamaArgs(**{**TINY.__dict__, **changes})
 
 
-def random_tokens(args: ModelArgs, batch: int = 2, seq_len: int | None = None) -> torch.Tensor:
+def random_tokens(args: LlamaArgs, batch: int = 2, seq_len: int | None = None) -> torch.Tensor:
     return torch.randint(args.vocab_size, (batch, seq_len or args.max_seq_len))
 
 
@@ -59,23 +54,23 @@ def test_changing_a_token_leaves_earlier_logits_unchanged():
 def test_num_params_counts_every_parameter(tie):
     args = tiny(tie_embeddings=tie)
     model = Transformer(args)
-    assert num_params(args) == sum(p.numel() for p in model.parameters())
+    assert args.num_params() == sum(p.numel() for p in model.parameters())
     table = model.tok_embeddings.weight.numel()
     expected_non_embedding = sum(p.numel() for p in model.parameters()) - (0 if tie else table)
-    assert num_params(args, include_embedding=False) == expected_non_embedding
+    assert args.num_params(include_embedding=False) == expected_non_embedding
 
 
 def test_num_params_of_llama3_8b_matches_the_built_model_and_meta_figure():
     with torch.device("meta"):
         model = Transformer(LLAMA3_8B)
     counted = sum(p.numel() for p in model.parameters())
-    assert num_params(LLAMA3_8B) == counted
+    assert LLAMA3_8B.num_params() == counted
     # Meta publishes Llama 3 8B as 8.03B parameters (model card, April 2024)
     assert abs(counted - 8.03e9) / 8.03e9 < 0.01
 
 
 def test_flops_per_token_matches_a_count_by_hand():
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=128)
+    args = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, ffn_dim=128)
     seq_len = 32
     # weights one token passes through: head_dim 16, so wk and wv are 64 x 32
     per_block = (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64  # wq wk wv wo
@@ -84,9 +79,9 @@ def test_flops_per_token_matches_a_count_by_hand():
     weights = 2 * per_block + 64 + 64 * 100  # + final norm + output projection
     # forward: 2 FLOPs (multiply, add) per weight; Q K^T and attention x V: 2 x seq_len x dim each
     forward = 2 * weights + 2 * (2 * seq_len * 64 + 2 * seq_len * 64)
-    assert flops_per_token(args, seq_len) == 3 * forward  # backward costs twice the forward
+    assert args.flops_per_token(seq_len) == 3 * forward  # backward costs twice the forward
     # the embedding table is a lookup, so tying it to the output projection costs the same
-    assert flops_per_token(ModelArgs(**{**args.__dict__, "tie_embeddings": True}), seq_len) \
+    assert LlamaArgs(**{**args.__dict__, "tie_embeddings": True}).flops_per_token(seq_len) \
         == 3 * forward
 
 
@@ -156,7 +151,7 @@ def test_rotary_matches_complex_multiplication_and_encodes_relative_position():
     assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
 
 
-def expand_kv_heads(weight: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+def expand_kv_heads(weight: torch.Tensor, args: LlamaArgs) -> torch.Tensor:
     """A wk/wv weight with each KV head repeated for the query heads that share it."""
     group = args.n_heads // args.n_kv_heads
     heads = weight.view(args.n_kv_heads, args.head_dim, args.dim)
@@ -176,7 +171,7 @@ def test_grouped_query_attention_equals_multi_head_with_shared_kv_heads():
     torch.testing.assert_close(mha(tokens), gqa(tokens))
 
 
-def head_shard(attention: nn.Module, args: ModelArgs, rank: int, ranks: int) -> nn.Module:
+def head_shard(attention: nn.Module, args: LlamaArgs, rank: int, ranks: int) -> nn.Module:
     """What one tensor-parallel rank holds: wq/wk/wv rows (ColwiseParallel) and wo columns
     (RowwiseParallel) of its heads only."""
     q_rows = args.n_heads // ranks * args.head_dim
@@ -205,7 +200,7 @@ def test_model_args_take_the_shape_keys_of_a_model_config():
     cfg = ModelConfig(name="small", dim=64, n_layers=3, n_heads=4, n_kv_heads=1, vocab_size=99,
                       ffn_dim=160, max_seq_len=48, rope_theta=5e5, norm_eps=1e-6,
                       tie_embeddings=True, kwargs={"ignored": 1})
-    assert ModelArgs.from_config(cfg) == ModelArgs(
+    assert shape_of(cfg) == LlamaArgs(
         dim=64, n_layers=3, n_heads=4, n_kv_heads=1, vocab_size=99, ffn_dim=160, max_seq_len=48,
         rope_theta=5e5, norm_eps=1e-6, tie_embeddings=True)
 

@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 from trainer.config import (
+    KEY,
+    MESH_DIMS,
     RunConfig,
     compose,
     exit_on_config_error,
     validate,
 )
 from trainer.hardware import GIB
-from trainer.plan.planner import MESH_DIMS, MeshPlan, RunFacts, all_candidates, plan, preference
+from trainer.plan.planner import Candidate, RunFacts, all_candidates, choose, preference
 
 USAGE = """\
 usage: python -m trainer.plan [--all] [KEY=VALUE | GROUP=OPTION ...]
@@ -60,10 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args if a != "--all"]
     with exit_on_config_error():
         run = validate(compose(overrides))
-        plans = sorted(all_candidates(RunFacts.of(run)),
-                       key=lambda p: (not p.feasible, preference(p)))
-        chosen = plan(run)
-    print_table(run, plans, chosen, show_all=show_all)
+        facts = RunFacts.of(run)
+        found = sorted(all_candidates(facts), key=lambda c: (not c.feasible, preference(c)))
+        chosen = choose(run)
+    print_table(run, found, chosen, show_all=show_all)
+    if not getattr(facts.costs, "estimates_activations", True):
+        print(f"activations are not in these figures: {KEY.model._target_}="
+              f"{run.model._target_} is planned from its parameter count alone "
+              f"({KEY.plan.validate}=true measures a training step)")
     if run.plan.validate:
         # torch and a fake process group: only when asked for, after the table is out
         from trainer.validate_plan import PlanValidationError
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_json(run: RunConfig, chosen: MeshPlan, path: Path) -> None:
+def write_json(run: RunConfig, chosen: Candidate, path: Path) -> None:
     document = {"hardware": run.hardware.name, "model": run.model.name,
                 "nodes": run.cluster.nodes, "ranks_per_node": run.ranks_per_node,
                 "parallelism": run.parallelism.name, **chosen.to_dict()}
@@ -90,12 +96,12 @@ def write_json(run: RunConfig, chosen: MeshPlan, path: Path) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def print_table(run: RunConfig, plans: list[MeshPlan], chosen: MeshPlan, *,
+def print_table(run: RunConfig, found: list[Candidate], chosen: Candidate, *,
                 show_all: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    shown = [p for p in plans if p.feasible or show_all]
+    shown = [c for c in found if c.feasible or show_all]
     title = (f"{run.model.name} on {run.cluster.nodes} x {run.hardware.name}: {run.world_size} "
              f"ranks, {run.ranks_per_node} per node; seq_len {run.data.seq_len}, micro batch "
              f"{run.data.micro_batch_size}, {run.trainer.precision}")
@@ -103,24 +109,25 @@ def print_table(run: RunConfig, plans: list[MeshPlan], chosen: MeshPlan, *,
     for header in ("", *MESH_DIMS, "AC", "GiB/rank", "step s", "tokens/s", "MFU",
                    "links tp/fsdp/rep", "status"):
         table.add_column(header, justify="left" if header in ("", "status") else "right")
-    for p in shown:
-        mark = "->" if p == chosen else ""
-        links = "/".join(p.links[d] for d in ("tp", "fsdp", "dp_replicate"))
-        table.add_row(mark, *map(str, p.shape), "on" if p.activation_checkpointing else "off",
-                      f"{p.memory_bytes_per_rank / GIB:.1f}", f"{p.step_seconds:.3g}",
-                      f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}", links,
-                      "ok" if p.feasible else str(p.reason),
-                      style="bold green" if p == chosen else None)
+    for c in shown:
+        d, e = c.dims, c.estimate
+        mark = "->" if c == chosen else ""
+        links = "/".join(e.links[name] for name in ("tp", "fsdp", "dp_replicate"))
+        table.add_row(mark, *map(str, d.shape), "on" if d.activation_checkpointing else "off",
+                      f"{e.memory_bytes_per_rank / GIB:.1f}", f"{e.step_seconds:.3g}",
+                      f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}", links,
+                      "ok" if c.feasible else str(c.reason),
+                      style="bold green" if c == chosen else None)
     console = Console(width=shutil.get_terminal_size(fallback=(200, 24)).columns)
     console.print(table)
-    rejected = sum(not p.feasible for p in plans)
+    rejected = sum(not c.feasible for c in found)
     if rejected and not show_all:
-        console.print(f"{rejected} of {len(plans)} candidates rejected; --all lists them with "
+        console.print(f"{rejected} of {len(found)} candidates rejected; --all lists them with "
                       f"the reason")
     how = "auto: fastest feasible" if run.parallelism.name == "auto" else "explicit"
-    console.print(f"chosen ({how}): {chosen.mesh_str} "
+    console.print(f"chosen ({how}): {chosen.dims.mesh_str} "
                   f"({' x '.join(MESH_DIMS)}), activation checkpointing "
-                  f"{'on' if chosen.activation_checkpointing else 'off'}")
+                  f"{'on' if chosen.dims.activation_checkpointing else 'off'}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from trainer.config import load
-from trainer.models.shape import ModelArgs, flops_per_token
+from trainer.plan.dims import ParallelDims
 from trainer.plan.planner import RunFacts, evaluate
 from trainer.plan.published import PUBLISHED, Published
 
@@ -34,7 +34,7 @@ class Check:
     def to_dict(self) -> dict[str, Any]:
         p = self.published
         return {"label": p.label, "hardware": p.hardware, "source": p.source,
-                "chips": self.chips, "mesh": "x".join(map(str, p.dims)),
+                "chips": self.chips, "mesh": ParallelDims.of(p.dims).mesh_str,
                 "activation_checkpointing": p.activation_checkpointing,
                 "precision": p.precision, "published_tokens_per_s_per_chip":
                 p.tokens_per_s_per_chip, "estimate_tokens_per_s_per_chip":
@@ -48,14 +48,14 @@ def check(entry: Published, assumptions: list[str]) -> Check:
     run = load([*entry.overrides, f"cluster.nodes={entry.nodes}", "tracking=none",
                 *assumptions])
     facts = RunFacts.of(run)
-    estimate = evaluate(facts, entry.dims, entry.activation_checkpointing)
+    candidate = evaluate(facts, ParallelDims.of(entry.dims).shape, entry.activation_checkpointing)
     ranks_per_chip = run.hardware.ranks_per_chip
     chips = run.world_size // ranks_per_chip
-    per_chip = estimate.tokens_per_s / chips
-    model_flops = flops_per_token(ModelArgs.from_config(run.model), run.data.seq_len)
+    per_chip = candidate.estimate.tokens_per_s / chips
+    model_flops = facts.costs.flops_per_token(run.data.seq_len)
     implied = entry.tokens_per_s_per_chip * model_flops / (run.hardware.peak_tflops_bf16 * 1e12)
     return Check(entry, chips, per_chip, implied,
-                 str(estimate.reason) if estimate.reason else None)
+                 str(candidate.reason) if candidate.reason else None)
 
 
 @functools.lru_cache(maxsize=8)

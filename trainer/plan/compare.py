@@ -30,9 +30,10 @@ from typing import Any
 
 from trainer.config import CONFIG_ERRORS, ConfigError, RunConfig, describe, load
 from trainer.hardware import HardwareSpec, catalog
-from trainer.models.shape import ModelArgs, flops_per_token
+from trainer.models.registry import model_costs
 from trainer.plan.calibration import Check, calibrate, summary
-from trainer.plan.planner import MeshPlan, plan
+from trainer.plan.dims import ParallelDims
+from trainer.plan.planner import Candidate, choose
 
 USAGE = """\
 usage: python -m trainer.plan compare tokens=N [hardware=A,B,...]
@@ -222,10 +223,10 @@ def node_grid(nodes_per_domain: int, max_nodes: int) -> list[int]:
     return sorted(n for n in counts if n <= max_nodes)
 
 
-def _at(run: RunConfig, nodes: int) -> tuple[MeshPlan | None, str | None]:
+def _at(run: RunConfig, nodes: int) -> tuple[Candidate | None, str | None]:
     sized = replace(run, cluster=replace(run.cluster, nodes=nodes))
     try:
-        return plan(sized), None
+        return choose(sized), None
     except ConfigError as exc:
         return None, str(exc)
 
@@ -247,7 +248,7 @@ class Row:
     calibration: str
     vendor_claims: list[str]
     nodes: int | None = None
-    plan: MeshPlan | None = None
+    chosen: Candidate | None = None
     figures: JobFigures | None = None
     reason: str | None = None
 
@@ -257,16 +258,18 @@ class Row:
 
     @property
     def tokens_per_s(self) -> float | None:
-        return None if self.plan is None else self.plan.tokens_per_s
+        return None if self.chosen is None else self.chosen.estimate.tokens_per_s
 
     def to_dict(self, tokens: float) -> dict[str, Any]:
         f = self.figures
         return {
             "hardware": self.hardware, "instance_type": self.instance_type,
             "nodes": self.nodes, "chips": self.chips,
-            "mesh": self.plan.mesh_str if self.plan else None,
-            "activation_checkpointing": self.plan.activation_checkpointing if self.plan else None,
-            "mfu_assumed": self.mfu_assumed, "mfu": self.plan.mfu if self.plan else None,
+            "mesh": self.chosen.dims.mesh_str if self.chosen else None,
+            "activation_checkpointing": (self.chosen.dims.activation_checkpointing
+                                         if self.chosen else None),
+            "mfu_assumed": self.mfu_assumed,
+            "mfu": self.chosen.estimate.mfu if self.chosen else None,
             "tokens_per_s": self.tokens_per_s,
             "days": f.days if f else None, "chip_hours": f.chip_hours if f else None,
             "energy_mwh": f.energy_mwh if f else None, "cost_usd": f.cost_usd if f else None,
@@ -288,8 +291,8 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
               c.power_w, hw.node_power_w, hw.power_basis, hw.price_per_node_hour, c.price_date,
               c.price_region, summary(checks, name), list(c.vendor_claims))
 
-    def figures(p: MeshPlan, nodes: int) -> JobFigures:
-        return job_figures(request.tokens, p.tokens_per_s, nodes, c.chips_per_node,
+    def figures(p: Candidate, nodes: int) -> JobFigures:
+        return job_figures(request.tokens, p.estimate.tokens_per_s, nodes, c.chips_per_node,
                            hw.node_power_w, run.plan.pue, hw.price_per_node_hour)
 
     if request.chips is not None:
@@ -298,7 +301,7 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
         if found is None:
             row.reason = f"no plan at {nodes * c.chips_per_node} chips: {why}"
             return row
-        row.nodes, row.plan, row.figures = nodes, found, figures(found, nodes)
+        row.nodes, row.chosen, row.figures = nodes, found, figures(found, nodes)
         return row
     if request.budget is not None and hw.price_per_node_hour is None:
         row.reason = (f"budget needs a price; {name}'s is nf (set "
@@ -307,9 +310,8 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
     grid = node_grid(c.nodes_per_domain, max(1, request.max_chips // c.chips_per_node))
     # No plan beats every rank computing at plan.mfu of its peak with nothing else to do: fleets
     # below that bound cannot meet a deadline, and no fleet can be cheaper than it.
-    args = ModelArgs.from_config(run.model)
     ceiling = (hw.peak_flops_per_rank() * hw.ranks_per_node * run.plan.mfu
-               / flops_per_token(args, run.data.seq_len))  # tokens/s per node
+               / model_costs(run).flops_per_token(run.data.seq_len))  # tokens/s per node
     if request.days is not None:
         fewest = request.tokens / (request.days * SECONDS_PER_DAY * ceiling)
         grid = [n for n in grid if n >= math.floor(fewest)] or grid[-1:]
@@ -320,8 +322,8 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
                           f"{run.plan.mfu:g} with no communication the job costs "
                           f"${floor:,.0f}")
             return row
-    best: tuple[int, MeshPlan, JobFigures] | None = None  # fastest seen, for the reason
-    cheapest: tuple[int, MeshPlan, JobFigures] | None = None
+    best: tuple[int, Candidate, JobFigures] | None = None  # fastest seen, for the reason
+    cheapest: tuple[int, Candidate, JobFigures] | None = None
     last_why = None
     for nodes in grid:
         found, why = _at(run, nodes)
@@ -330,10 +332,10 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
             continue
         fig = figures(found, nodes)
         if request.days is None and request.budget is None:
-            row.nodes, row.plan, row.figures = nodes, found, fig
+            row.nodes, row.chosen, row.figures = nodes, found, fig
             return row
         if request.days is not None and fig.days <= request.days:
-            row.nodes, row.plan, row.figures = nodes, found, fig
+            row.nodes, row.chosen, row.figures = nodes, found, fig
             return row
         if request.budget is not None and fig.cost_usd is not None:
             if cheapest is None or fig.cost_usd < cheapest[2].cost_usd:  # type: ignore[operator]
@@ -345,7 +347,7 @@ def compare_one(request: Request, name: str, checks: list[Check]) -> Row:
     limit = f"up to {request.max_chips} chips"
     if request.budget is not None:
         if best is not None:
-            row.nodes, row.plan, row.figures = best
+            row.nodes, row.chosen, row.figures = best
         elif cheapest is not None:
             row.reason = (f"budget={request.budget:,.0f} buys no plan: the cheapest is "
                           f"${cheapest[2].cost_usd:,.0f} at {cheapest[0] * c.chips_per_node} "
@@ -401,12 +403,13 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
         table.add_column(header, justify="left" if header in ("hardware", "mesh, AC") else "right")
     for r in rows:
         f = r.figures
-        if r.plan is None or f is None:
+        if r.chosen is None or f is None:
             table.add_row(r.hardware, "", "no plan (below)", f"{r.mfu_assumed:.0%}", "", "", "",
                           "", "", "", "", r.calibration)
             continue
-        mesh = f"{r.plan.mesh_str}, {'on' if r.plan.activation_checkpointing else 'off'}"
-        table.add_row(r.hardware, f"{r.chips:,}", mesh, f"{r.plan.mfu:.1%}",
+        dims = r.chosen.dims
+        mesh = f"{dims.mesh_str}, {'on' if dims.activation_checkpointing else 'off'}"
+        table.add_row(r.hardware, f"{r.chips:,}", mesh, f"{r.chosen.estimate.mfu:.1%}",
                       _si(r.tokens_per_s), f"{f.days:,.1f}", _si(f.chip_hours),
                       _fmt(f.energy_mwh, ",.0f"), _fmt(f.cost_usd, ",.0f", "$"),
                       _si(request.tokens / f.energy_mwh) if f.energy_mwh else NF,
@@ -447,7 +450,8 @@ def render(request: Request, rows: list[Row], checks: list[Check], run_label: st
     for c in checks:
         p = c.published
         ac = "on" if p.activation_checkpointing else "off"
-        calib.add_row(p.label, p.hardware, f"{c.chips:,}", f"{'x'.join(map(str, p.dims))}, {ac}",
+        mesh = ParallelDims.of(p.dims).mesh_str
+        calib.add_row(p.label, p.hardware, f"{c.chips:,}", f"{mesh}, {ac}",
                       p.precision, f"{p.tokens_per_s_per_chip:,.0f}",
                       f"{c.estimate_per_chip:,.0f}", f"{c.error:+.1%}", f"{c.implied_mfu:.1%}")
     console.print(calib)
@@ -530,7 +534,7 @@ def main(args: Sequence[str]) -> int:
     except CONFIG_ERRORS as exc:
         print(f"config error: {describe(exc)}", file=sys.stderr)
         return 2
-    if all(r.plan is None for r in rows):
+    if all(r.chosen is None for r in rows):
         print(f"config error: {request.mode}: no plan on any of {', '.join(request.hardware)}; "
               f"{rows[0].hardware}: {rows[0].reason}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Each entry is one row of a public benchmark table, with where it comes from (repository, path,
 commit and the date the table gives) and how this planner reproduces it: the Hydra overrides for
-hardware, model, batch and precision, and the mesh as (dp_replicate, dp_shard, cp, tp). What the
+hardware, model, batch and precision, and the mesh by dim name. What the
 planner cannot express (pipeline parallel, ZeRO-1, selective activation checkpointing, FP8
 matmuls) is said in `differs`; rows that need pipeline parallel are left out, since no mesh here
 reproduces them (Megatron-Bridge's DGX-H100 Llama 3 70B row: TP 4 x PP 8; Neuron's Trn1 Llama 3.1
@@ -38,7 +38,7 @@ class Published:
     source: str
     overrides: tuple[str, ...]
     nodes: int
-    dims: tuple[int, int, int, int]  # dp_replicate, dp_shard, cp, tp
+    dims: dict[str, int]  # mesh dims by name; those not named are 1
     activation_checkpointing: bool
     tokens_per_s_per_chip: float
     precision: str  # "bf16", or "fp8" when the published run used FP8 matmuls
@@ -48,31 +48,31 @@ class Published:
 PUBLISHED: tuple[Published, ...] = (
     Published("Llama 3.1 8B, FSDP, 8 GPUs", "h100", f"{_TORCHTITAN} Table 1, row FSDP",
               (*_GRAND_TETON, "model=llama3_8b", *_BF16_FSDP, "data.micro_batch_size=2"),
-              nodes=1, dims=(1, 8, 1, 1), activation_checkpointing=False,
+              nodes=1, dims={"dp_shard": 8}, activation_checkpointing=False,
               tokens_per_s_per_chip=5762, precision="bf16",
               differs=f"{_TORCHTITAN_8B} (modelled as none); 500 W power limit"),
     Published("Llama 3.1 8B, FSDP + compile, 8 GPUs", "h100",
               f"{_TORCHTITAN} Table 1, row FSDP + torch.compile",
               (*_GRAND_TETON, "model=llama3_8b", *_BF16_FSDP, "data.micro_batch_size=2"),
-              nodes=1, dims=(1, 8, 1, 1), activation_checkpointing=False,
+              nodes=1, dims={"dp_shard": 8}, activation_checkpointing=False,
               tokens_per_s_per_chip=6667, precision="bf16",
               differs=f"torch.compile; {_TORCHTITAN_8B} (modelled as none); 500 W power limit"),
     Published("Llama 3.1 8B, FSDP, 128 GPUs", "h100", f"{_TORCHTITAN} Table 3, row FSDP",
               (*_GRAND_TETON, "model=llama3_8b", *_BF16_FSDP, "data.micro_batch_size=2"),
-              nodes=16, dims=(1, 128, 1, 1), activation_checkpointing=False,
+              nodes=16, dims={"dp_shard": 128}, activation_checkpointing=False,
               tokens_per_s_per_chip=5605, precision="bf16",
               differs=f"{_TORCHTITAN_8B} (modelled as none); 500 W power limit"),
     Published("Llama 3.1 70B, FSDP 32 x TP 8, 256 GPUs", "h100", f"{_TORCHTITAN} Table 4, row 2D",
               (*_GRAND_TETON, "model=llama3_70b", *_BF16_FSDP, "data.micro_batch_size=16",
                "parallelism.sequence_parallel=true"),
-              nodes=32, dims=(1, 32, 1, 8), activation_checkpointing=True,
+              nodes=32, dims={"dp_shard": 32, "tp": 8}, activation_checkpointing=True,
               tokens_per_s_per_chip=829, precision="fp8",
               differs="Float8 linears + torch.compile (the model assumes bf16 matmuls)"),
     Published("Llama 3 70B, FSDP, 64 GPUs", "gb200_nvl72",
               f"{_MEGATRON}, DGX-GB200, LLAMA3_70B FP8-CS row",
               ("hardware=gb200_nvl72", "model=llama3_70b", *_BF16_FSDP,
                "data.micro_batch_size=2", "data.global_batch_size=256"),
-              nodes=16, dims=(1, 64, 1, 1), activation_checkpointing=False,
+              nodes=16, dims={"dp_shard": 64}, activation_checkpointing=False,
               tokens_per_s_per_chip=4040, precision="fp8",
               differs="FP8 (current scaling) matmuls; recompute not stated (modelled as none); "
                       "DGX-GB200, not AWS's p6e-gb200"),
@@ -80,7 +80,7 @@ PUBLISHED: tuple[Published, ...] = (
               f"{_NEURON}, Llama-3.1-8B row: 47.95 seq/s x 8192 tokens / 512 chips",
               ("hardware=trn1", "model=llama3_8b", "trainer.precision=bf16-mixed",
                "data.seq_len=8192", "data.micro_batch_size=1", "data.global_batch_size=1024"),
-              nodes=32, dims=(32, 1, 1, 32), activation_checkpointing=False,
+              nodes=32, dims={"dp_replicate": 32, "tp": 32}, activation_checkpointing=False,
               tokens_per_s_per_chip=47.95 * 8192 / 512, precision="bf16",
               differs="ZeRO-1 (modelled as plain replication); tp 32 > 8 KV heads (NxD "
                       "replicates them; the planner would reject tp 32)"),

@@ -130,7 +130,7 @@ def run_tags(run: RunConfig, mesh_shape: Mapping[str, int],
         "model": run.model.name,
         "mlflow.user": getpass.getuser(),
     }
-    if not run.uses_reference_model:
+    if not run.uses_family_model:
         tags["model.target"] = run.model._target_
     return {**tags, **source_tags(env=env), **git_tags(), **job_tags(env)}
 

@@ -1,65 +1,69 @@
-"""`MeshPlan`: a run's ranks as named mesh dims, the batch they carry and what they switch on.
+"""`ParallelDims`: a run's ranks as named mesh dims, the batch they carry and what they switch on.
 
-The value the strategy, the module and `parallelize` read (like torchtitan's `ParallelDims`);
-`trainer.plan.planner` makes one and attaches its estimates. Arithmetic only.
+The value the strategy, the module and a family's `parallelize` read (torchtitan's
+`ParallelDims`): the mesh's sizes, what parallelism they switch on (`replicas_only`, `fsdp`,
+`tensor_parallel`), how a global batch splits into micro-batches (`accumulation`,
+`tokens_per_step`) and its text forms. Arithmetic only, generic over `MESH_DIMS`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from trainer.config import MESH_DIMS
+
+# FSDP2 shards parameters over these dims together (torchtitan's dp_shard x cp).
+FSDP_DIMS = ("dp_shard", "cp")
 
 
 @dataclass(frozen=True)
-class Rejection:
-    """Why a plan cannot run: the config key to change, its value, and what is wrong."""
+class ParallelDims:
+    """Sizes of the mesh dims (`MESH_DIMS`, outermost first), whether blocks are checkpointed,
+    and the batch. Two values are equal when their sizes and checkpointing agree."""
 
-    key: str
-    value: Any
-    why: str
-    kind: str = "shape"  # "shape" (dims vs model / topology / batch), "link" or "memory"
-
-    def __str__(self) -> str:
-        return f"{self.key}={self.value}: {self.why}"
-
-
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")  # outermost to innermost
-
-
-@dataclass(frozen=True)
-class MeshPlan:
-    """A mesh shape over named dims, the batch it carries, and the planner's estimates for it.
-
-    The one value that owns the mesh's vocabulary (like torchtitan's `ParallelDims`): its dims,
-    what parallelism they switch on (`replicas_only`, `fsdp`, `tensor_parallel`), how a global
-    batch splits into micro-batches (`accumulation`, `tokens_per_step`) and its text forms.
-    The strategy, the module and `parallelize` ask it; nothing downstream re-derives these.
-
-    Two plans are equal when their dims and activation checkpointing agree; the batch and the
-    estimates (bytes per rank by kind, seconds per step by kind, the link each dim crosses,
-    throughput, MFU and the rejection, None when feasible) ride along.
-    """
-
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
+    shape: tuple[int, ...]
     activation_checkpointing: bool = False
     micro_batch_size: int = field(default=1, compare=False)
     seq_len: int = field(default=1, compare=False)
     global_batch_size: int | None = field(default=None, compare=False)
-    memory_breakdown: dict[str, float] = field(default_factory=dict, compare=False)
-    time_breakdown: dict[str, float] = field(default_factory=dict, compare=False)
-    links: dict[str, str] = field(default_factory=dict, compare=False)
-    step_seconds: float = field(default=math.nan, compare=False)
-    tokens_per_s: float = field(default=math.nan, compare=False)
-    mfu: float = field(default=math.nan, compare=False)
-    reason: Rejection | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(MESH_DIMS) or min(self.shape) < 1:
+            raise ValueError(f"a mesh has {len(MESH_DIMS)} positive sizes "
+                             f"({', '.join(MESH_DIMS)}), got {self.shape}")
+
+    @classmethod
+    def of(cls, sizes: Mapping[str, int], **kwargs) -> ParallelDims:
+        """From sizes by name; dims not named are 1."""
+        unknown = set(sizes) - set(MESH_DIMS)
+        if unknown:
+            raise ValueError(f"not mesh dims: {', '.join(sorted(unknown))}")
+        return cls(tuple(sizes.get(name, 1) for name in MESH_DIMS), **kwargs)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.dp_replicate, self.dp_shard, self.cp, self.tp)
+    def sizes(self) -> dict[str, int]:
+        return dict(zip(MESH_DIMS, self.shape, strict=True))
+
+    def size(self, name: str) -> int:
+        return self.shape[MESH_DIMS.index(name)]
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.size("dp_replicate")
+
+    @property
+    def dp_shard(self) -> int:
+        return self.size("dp_shard")
+
+    @property
+    def cp(self) -> int:
+        return self.size("cp")
+
+    @property
+    def tp(self) -> int:
+        return self.size("tp")
 
     @property
     def dim_names(self) -> tuple[str, ...]:
@@ -76,14 +80,14 @@ class MeshPlan:
 
     @property
     def fsdp_size(self) -> int:
-        """Ranks FSDP shards parameters over: dp_shard and cp together, as torchtitan does."""
-        return self.dp_shard * self.cp
+        """Ranks FSDP shards parameters over."""
+        return math.prod(self.size(name) for name in FSDP_DIMS)
 
     @property
     def replicas_only(self) -> bool:
         """Plain data parallel over several ranks: each holds the whole model, and torch DDP
         runs it without a device mesh."""
-        return self.dp_replicate > 1 and self.shape[1:] == (1, 1, 1)
+        return self.dp_replicate > 1 and self.world_size == self.dp_replicate
 
     @property
     def uses_mesh(self) -> bool:
@@ -124,33 +128,25 @@ class MeshPlan:
         return self.micro_batch_size * self.seq_len / self.cp
 
     @property
-    def memory_bytes_per_rank(self) -> float:
-        return sum(self.memory_breakdown.values())
-
-    @property
-    def feasible(self) -> bool:
-        return self.reason is None
-
-    @property
     def mesh_str(self) -> str:
         """The short form, "1x8x1x4" (dims as in `dim_names`)."""
         return "x".join(map(str, self.shape))
 
     def describe(self) -> str:
         """The long form, "dp_replicate=1 x dp_shard=8 x cp=1 x tp=4", with AC when on."""
-        text = " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, self.shape, strict=True))
+        text = " x ".join(f"{n}={s}" for n, s in self.sizes.items())
         return text + (", activation checkpointing" if self.activation_checkpointing else "")
 
     def coordinates(self, rank: int) -> dict[str, int]:
         """This rank's index along each dim, in the row-major layout of `init_device_mesh`."""
         coords = {}
-        for name, size in reversed(list(zip(MESH_DIMS, self.shape, strict=True))):
+        for name, size in reversed(self.sizes.items()):
             rank, coords[name] = divmod(rank, size)
         return {name: coords[name] for name in MESH_DIMS}
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["reason"] = str(self.reason) if self.reason else None
-        data.update(shape=list(self.shape), dim_names=list(self.dim_names),
-                    world_size=self.world_size, memory_bytes_per_rank=self.memory_bytes_per_rank)
-        return data
+    def to_dict(self) -> dict:
+        return {**self.sizes, "shape": list(self.shape), "dim_names": list(MESH_DIMS),
+                "world_size": self.world_size,
+                "activation_checkpointing": self.activation_checkpointing,
+                "micro_batch_size": self.micro_batch_size, "seq_len": self.seq_len,
+                "global_batch_size": self.global_batch_size}

@@ -2,7 +2,7 @@
 
 RMSNorm, rotary position embeddings, grouped-query attention and a SwiGLU feed-forward: the Llama 3
 recipe (Grattafiori et al. 2024, "The Llama 3 Herd of Models"). Nothing here knows about
-distribution. `trainer/models/parallelize.py` applies tensor parallel, FSDP2, activation
+distribution. `trainer/models/llama/parallelize.py` applies tensor parallel, FSDP2, activation
 checkpointing and torch.compile from outside, which is why the model keeps to a few rules:
 
 - every projection is a bias-free `nn.Linear` with a stable name (wq, wk, wv, wo, w1, w2, w3), so a
@@ -23,9 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.models import init
-from trainer.models.shape import ModelArgs, flops_per_token, num_params
-
-__all__ = ["ModelArgs", "Transformer", "flops_per_token", "num_params"]
+from trainer.models.llama.shape import LlamaArgs
 
 INIT_STD = 0.02  # GPT-2's initialisation scale, which Llama reference implementations keep
 
@@ -74,7 +72,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: LlamaArgs):
         super().__init__()
         self.head_dim = args.head_dim
         kv_dim = args.n_kv_heads * args.head_dim
@@ -113,7 +111,7 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then + feed_forward(norm(x))."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: LlamaArgs):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
@@ -128,7 +126,7 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """Token ids [B, T] to next-token logits [B, T, vocab_size]."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: LlamaArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
