@@ -49,3 +49,15 @@ def test_a_held_out_fraction_needs_document_ends():
     with pytest.raises(ConfigError, match=r"^data.eval='0.1': /d/web .* has no end-of-document"):
         check_datasets(run, indexes={web: index(kind="ids", sha=None, eod=None)})
     check_datasets(run, indexes={web: index()})
+
+
+def test_document_masking_asked_for_needs_document_ends_and_a_family_model():
+    (web,) = sources("/d/web")
+    with pytest.raises(ConfigError, match=r"^data.document_mask=True: /d/web .* has no "
+                                          r"end-of-document token"):
+        check_datasets(load(["data.document_mask=true", "model.vocab_size=512"]),
+                       indexes={web: index(kind="ids", sha=None, eod=None)})
+    check_datasets(load(["model.vocab_size=512"]),  # null: the data decides, nothing refused
+                   indexes={web: index(kind="ids", sha=None, eod=None)})
+    with pytest.raises(ConfigError, match=r"^data.document_mask=True: masks a model family's"):
+        load(["data.document_mask=true", "model._target_=pytorch_lightning.LightningModule"])

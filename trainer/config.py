@@ -140,6 +140,10 @@ class DataConfig:
     # Held-out evaluation: a dataset URL, or a fraction (e.g. 0.01) of the training data held
     # out by document (the last documents of each source); null: no evaluation.
     eval: Optional[str] = None
+    # Block-causal attention over packed documents: a token attends to the earlier tokens of its
+    # own document only, and positions restart at each document. null: on for a model family's
+    # attention wherever the datasets have end-of-document tokens (off on the XLA path)
+    document_mask: Optional[bool] = None
 
 
 # The mesh's dims, outermost first: ranks are laid out row-major over them, so tp varies fastest.
@@ -363,6 +367,14 @@ class RunConfig:
         return self.model._target_ == ModelConfig._target_
 
     @property
+    def uses_document_mask(self) -> bool:
+        """Batches carry document boundaries to the family's attention (`data.document_mask`);
+        a dataset without end-of-document tokens has none to carry."""
+        if self.data.document_mask is None:
+            return self.uses_family_model and not self.uses_xla
+        return self.data.document_mask
+
+    @property
     def uses_xla(self) -> bool:
         """PyTorch/XLA trains this run: strategy=xla, or auto on hardware whose backend is xla."""
         return self.strategy.name == "xla" or (self.strategy.name == "auto"
@@ -570,6 +582,10 @@ def _check_data(run: RunConfig) -> None:
     if run.uses_family_model and d.seq_len > run.model.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len,
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
+    if d.document_mask and not run.uses_family_model:
+        raise ConfigError("data.document_mask", d.document_mask,
+                          "masks a model family's attention; a user's module (model._target_) "
+                          "gets (inputs, targets) batches: use null or false")
     if d.sources and d.path is not None:
         raise ConfigError("data.path", d.path, "set data.path or data.sources, not both "
                           "(a single dataset is a one-source mixture: data.path=null)")

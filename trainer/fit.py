@@ -89,7 +89,8 @@ def prepare_process(run: RunConfig) -> None:
 def open_data(run: RunConfig) -> TokenDataModule:
     """The training data, opened now: unreadable or truncated shards (or a remote copy that fails
     its checksum) stop the run with one line before any process group exists."""
-    data = TokenDataModule(run.data, seed=run.seed, eval_batches=run.trainer.eval_batches)
+    data = TokenDataModule(run.data, seed=run.seed, eval_batches=run.trainer.eval_batches,
+                           document_mask=run.uses_document_mask)
     data.setup()
     return data
 

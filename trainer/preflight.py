@@ -144,6 +144,12 @@ def check_datasets(run: RunConfig, *, indexes: dict[Source, dict]) -> None:
                               f"tokenized with {_tokenizer_words(index)}, but {first.key} "
                               f"with {_tokenizer_words(first_index)}; the datasets of a run "
                               "must share one tokenizer")
+    if run.data.document_mask:
+        for source, index in indexes.items():
+            if index["separator"] is None:
+                raise ConfigError(KEY.data.document_mask, True,
+                                  f"{source.url} ({source.key}) has no end-of-document token to "
+                                  "find documents by; prepare it with --separator, or use null")
     if eval_fraction(run.data) is not None:
         for source, index in indexes.items():
             if index["separator"] is None:

@@ -14,6 +14,7 @@ from trainer.data import (
     MixtureSampler,
     TokenLoader,
     TokenShards,
+    WindowSampler,
     prepare,
 )
 
@@ -212,3 +213,35 @@ def test_eval_loader_reads_the_same_batches_every_time_split_over_ranks(tmp_path
     assert len(set(windows)) == len(windows) == 8
     assert sorted(windows) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2)]
     assert len(EvalLoader(streams, 4, batch_size=2, max_batches=1)) == 1
+
+
+# ---- document boundaries ------------------------------------------------------------------------
+
+def test_batches_say_which_document_each_token_is_in(tmp_path):
+    np.save(tmp_path / "ids.npy", np.array([5, 6, 9, 7, 9, 8, 8, 9]))  # 9 ends each document
+    prepare([str(tmp_path / "ids.npy")], str(tmp_path / "ds"), tokenizer="ids")
+    shards = TokenShards.open(str(tmp_path / "ds"))
+    loader = TokenLoader(shards, WindowSampler(num_windows=1, batch_size=1, seed=0), 7, eod=9)
+    inputs, targets, documents = next(iter(loader))
+    assert inputs.tolist() == [[5, 6, 9, 7, 9, 8, 8]]
+    assert targets.tolist() == [[6, 9, 7, 9, 8, 8, 9]]
+    # an end token belongs to the document it ends; the token after it starts the next
+    assert documents.tolist() == [[0, 0, 0, 1, 1, 2, 2]] and documents.dtype == torch.int32
+    (evaluated,) = list(EvalLoader([shards], 7, batch_size=1, eod=9))
+    assert evaluated[2].tolist() == documents.tolist()
+
+
+def test_the_data_module_adds_documents_only_where_the_data_has_ends(tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data import TokenDataModule
+
+    from .helpers import arange_dataset, write_texts
+
+    write_texts(tmp_path / "text")
+    prepare([str(tmp_path / "text")], str(tmp_path / "bytes"))  # ends each file with 0xFF
+    cfg = DataConfig(path=str(tmp_path / "bytes"), seq_len=4, micro_batch_size=2)
+    assert len(next(iter(TokenDataModule(cfg, 0, document_mask=True).train_dataloader()))) == 3
+    assert len(next(iter(TokenDataModule(cfg, 0).train_dataloader()))) == 2
+    no_ends = DataConfig(path=arange_dataset(tmp_path, 41), seq_len=4, micro_batch_size=2)
+    module = TokenDataModule(no_ends, 0, document_mask=True)
+    assert module.eod is None and len(next(iter(module.train_dataloader()))) == 2

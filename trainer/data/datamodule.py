@@ -3,10 +3,10 @@ held-out batches for evaluation."""
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info
 
 from trainer.config import eval_fraction
 from trainer.data.corpus import ensure_default_corpus
@@ -25,8 +25,6 @@ from trainer.data.sources import Source, eval_source, training_sources
 if TYPE_CHECKING:
     from trainer.config import DataConfig, TrainerConfig
 
-log = logging.getLogger(__name__)
-
 
 class TokenDataModule(pl.LightningDataModule):
     """The run's data: `cfg.path`'s shards (the built-in corpus when null) or the mixture of
@@ -37,9 +35,11 @@ class TokenDataModule(pl.LightningDataModule):
     `torch.utils.data.DataLoader`s, whatever `use_distributed_sampler` says.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int, eval_batches: int | None = None):
+    def __init__(self, cfg: DataConfig, seed: int, eval_batches: int | None = None,
+                 document_mask: bool = False):
         super().__init__()
         self.cfg, self.seed, self.eval_batches = cfg, seed, eval_batches
+        self.document_mask = document_mask  # the model takes documents (`RunConfig.uses_...`)
         self.sources: list[Source] = training_sources(cfg)
         self.streams: list[Stream] | None = None
         self.eval_streams: list[Stream] = []
@@ -67,6 +67,10 @@ class TokenDataModule(pl.LightningDataModule):
             held_out = eval_source(self.cfg)
             if held_out is not None:
                 self.eval_streams = [TokenShards.open(held_out.url, options)]
+        if self.document_mask:
+            rank_zero_info("document masking: %s", "on, documents end at token id "
+                           f"{self.eod}" if self.eod is not None else
+                           "off, the data has no end-of-document token")
 
     @property
     def shards(self) -> list[TokenShards]:
@@ -94,7 +98,8 @@ class TokenDataModule(pl.LightningDataModule):
             return []
         rank, size = self.data_parallel()
         return EvalLoader(self.eval_streams, self.cfg.seq_len, self.cfg.micro_batch_size,
-                          num_replicas=size, rank=rank, max_batches=self.eval_batches)
+                          num_replicas=size, rank=rank, max_batches=self.eval_batches,
+                          eod=self.eod)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -103,6 +108,15 @@ class TokenDataModule(pl.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         return max(shards.vocab_size for shards in self.shards)
+
+    @property
+    def eod(self) -> int | None:
+        """The end-of-document id batches find documents by: None when document masking is off
+        or a dataset has no end tokens (its rows are then one causal sequence each)."""
+        if not self.document_mask:
+            return None
+        separators = {shards.separator for shards in self.shards}
+        return separators.pop() if len(separators) == 1 else None
 
     def callbacks(self) -> list[pl.Callback]:
         """The data's own callbacks: held-out evaluation, per-source token counts of a mixture."""
@@ -141,4 +155,4 @@ class TokenDataModule(pl.LightningDataModule):
                                     batch_size=batch, seed=self.seed, num_replicas=size,
                                     rank=rank)
         return TokenLoader(self.streams, sampler, seq_len, self.cfg.num_workers,
-                           names=[s.name for s in self.sources])
+                           names=[s.name for s in self.sources], eod=self.eod)

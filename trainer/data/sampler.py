@@ -5,6 +5,10 @@ at a stride of `seq_len` (inputs and their one-token-shifted targets). One datas
 `WindowSampler`; a mixture of several (`data.sources`) by `MixtureSampler`. `TokenLoader` serves
 either, and its position (with every source's, for a mixture) is its `state_dict`, which Lightning
 saves in checkpoints. `EvalLoader` reads held-out windows in a fixed order and keeps no position.
+
+A batch is (inputs, targets), int64 [batch_size, seq_len], targets one token ahead; given the
+end-of-document id (`eod`), a third tensor says which document of its row each input token is in:
+int32, 0 for the first, one more after each end token (`documents_of`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from trainer.config import KEY
 from trainer.data.format import DataError
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, ...]
 
 
 class Stream(Protocol):
@@ -187,9 +191,9 @@ class TokenLoader:
 
     def __init__(self, streams: Stream | Sequence[Stream],
                  sampler: WindowSampler | MixtureSampler, seq_len: int, num_workers: int = 0,
-                 names: Sequence[str] = ()):
+                 names: Sequence[str] = (), eod: int | None = None):
         self.streams = list(streams) if isinstance(streams, (list, tuple)) else [streams]
-        self.sampler, self.seq_len = sampler, seq_len
+        self.sampler, self.seq_len, self.eod = sampler, seq_len, eod
         self.num_workers = num_workers
         self.names = list(names) or [f"source{i}" for i in range(len(self.streams))]
         self.epoch = 0
@@ -214,7 +218,7 @@ class TokenLoader:
             self.epoch, self.batches_consumed = self.epoch + 1, 0
         plan = (self.sampler.plan(self.epoch, self.epoch_start) if self.mixture
                 else self.sampler.plan(self.epoch))
-        batches = _PlannedBatches(self.streams, plan, self.seq_len)
+        batches = _PlannedBatches(self.streams, plan, self.seq_len, self.eod)
         remaining = range(self.batches_consumed, len(self))
         if self.num_workers == 0:
             return self._count(batches[b] for b in remaining)
@@ -268,8 +272,8 @@ class TokenLoader:
 class _PlannedBatches(torch.utils.data.Dataset):
     """Batch b of one epoch's plan, one gather per source from the memory-mapped shards."""
 
-    def __init__(self, streams: list[Stream], plan: EpochPlan, seq_len: int):
-        self.streams, self.plan, self.seq_len = streams, plan, seq_len
+    def __init__(self, streams: list[Stream], plan: EpochPlan, seq_len: int, eod: int | None):
+        self.streams, self.plan, self.seq_len, self.eod = streams, plan, seq_len, eod
 
     def __len__(self) -> int:
         return len(self.plan.windows)
@@ -277,11 +281,11 @@ class _PlannedBatches(torch.utils.data.Dataset):
     def __getitem__(self, batch: int) -> Batch:
         starts = self.plan.windows[batch].numpy() * self.seq_len
         sources = None if self.plan.sources is None else self.plan.sources[batch].numpy()
-        return _read_windows(self.streams, sources, starts, self.seq_len)
+        return _read_windows(self.streams, sources, starts, self.seq_len, self.eod)
 
 
 def _read_windows(streams: list[Stream], sources: np.ndarray | None, starts: np.ndarray,
-                  seq_len: int) -> Batch:
+                  seq_len: int, eod: int | None = None) -> Batch:
     if sources is None:
         rows = streams[0].windows(starts, seq_len + 1)
     else:
@@ -290,7 +294,18 @@ def _read_windows(streams: list[Stream], sources: np.ndarray | None, starts: np.
             here = sources == source
             rows[here] = streams[source].windows(starts[here], seq_len + 1)
     tokens = torch.from_numpy(rows)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    if eod is None:
+        return inputs, targets
+    return inputs, targets, documents_of(inputs, eod)
+
+
+def documents_of(inputs: torch.Tensor, eod: int) -> torch.Tensor:
+    """int32 [rows, seq_len]: the document each token of a row is in, counted from the row's
+    start. An end token belongs to the document it ends; the next token starts the next one."""
+    documents = torch.zeros(inputs.shape, dtype=torch.int32)
+    torch.cumsum(inputs[:, :-1] == eod, dim=1, dtype=torch.int32, out=documents[:, 1:])
+    return documents
 
 
 class EvalLoader:
@@ -300,9 +315,10 @@ class EvalLoader:
     changes nothing about the training batches that follow."""
 
     def __init__(self, streams: Sequence[Stream], seq_len: int, batch_size: int,
-                 num_replicas: int = 1, rank: int = 0, max_batches: int | None = None):
+                 num_replicas: int = 1, rank: int = 0, max_batches: int | None = None,
+                 eod: int | None = None):
         _check_split(0, rank, num_replicas)
-        self.streams, self.seq_len = list(streams), seq_len
+        self.streams, self.seq_len, self.eod = list(streams), seq_len, eod
         counts = [num_windows(s, seq_len) for s in self.streams]
         self._sources = np.repeat(np.arange(len(counts)), counts)
         self._windows = np.concatenate([np.arange(c) for c in counts]) if counts else np.array([])
@@ -321,4 +337,4 @@ class EvalLoader:
         for b in range(self.batches):
             mine = np.s_[b * global_batch + self.rank:(b + 1) * global_batch:self.num_replicas]
             yield _read_windows(self.streams, self._sources[mine],
-                                self._windows[mine] * self.seq_len, self.seq_len)
+                                self._windows[mine] * self.seq_len, self.seq_len, self.eod)
