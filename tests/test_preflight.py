@@ -61,3 +61,31 @@ def test_document_masking_asked_for_needs_document_ends_and_a_family_model():
                    indexes={web: index(kind="ids", sha=None, eod=None)})
     with pytest.raises(ConfigError, match=r"^data.document_mask=True: masks a model family's"):
         load(["data.document_mask=true", "model._target_=pytorch_lightning.LightningModule"])
+
+
+def test_data_of_another_tokenizer_than_the_pretrained_models_is_refused(tmp_path):
+    from tokenizer_files import hf_tokenizer_dir
+
+    from trainer.data import load_tokenizer
+    from trainer.preflight import _pretrained_vocabulary, check_pretrained_tokenizer
+
+    model_dir = hf_tokenizer_dir(tmp_path / "model")  # a model directory's tokenizer.json
+    ours = load_tokenizer(f"hf:{model_dir}").record()
+    other = load_tokenizer(f"hf:{hf_tokenizer_dir(tmp_path / 'other', vocab_size=300)}").record()
+    run = load(["model.vocab_size=512"])
+    run.model.init_from = str(model_dir)
+    vocabulary = _pretrained_vocabulary(run)
+    assert vocabulary == (ours["vocab_sha256"], 400)
+    web, code = sources("/d/web", "/d/code")
+    same, ids = {**index(), "tokenizer": ours}, index(kind="ids", sha=None)
+    check_pretrained_tokenizer(run, vocabulary=vocabulary, indexes={web: same, code: ids})
+    for theirs, name in ((other, "hf:"), (builtin_index()["tokenizer"], "bytes")):
+        with pytest.raises(ConfigError) as caught:
+            check_pretrained_tokenizer(run, vocabulary=vocabulary,
+                                       indexes={web: same, code: {**index(), "tokenizer": theirs}})
+        assert str(caught.value).startswith(
+            f"model.init_from='{model_dir}': its tokenizer.json (400 tokens) is not the tokenizer "
+            f"/d/code (data.sources[1]) was prepared with ({name}")
+        assert str(caught.value).endswith(f"prepare the data with --tokenizer hf:{model_dir}")
+    run.model.init_from = str(tmp_path)  # no tokenizer.json there: nothing to compare
+    assert _pretrained_vocabulary(run) is None

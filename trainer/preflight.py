@@ -8,10 +8,12 @@ import importlib.util
 import os
 from typing import Any
 
+import fsspec
 import torch
 
 from trainer.config import KEY, ConfigError, RunConfig, eval_fraction
 from trainer.data.sources import Source, indexes
+from trainer.data.tokenizer import BYTES_DIGEST, HF_FILE, hf_vocabulary, vocabulary_digest
 from trainer.plan import ParallelDims, choose
 from trainer.xla import XLA_INSTALL_HINT
 
@@ -26,8 +28,10 @@ def check_startable(run: RunConfig) -> ParallelDims:
     check_launchable(run, in_cluster=in_cluster)
     check_drivable(run, **_devices_here(run))
     check_xla(run, xla_missing=_xla_missing(run), in_cluster=in_cluster)
-    check_datasets(run, indexes=indexes(run.data))
+    found = indexes(run.data)
+    check_datasets(run, indexes=found)
     check_pretrained_weights(run)
+    check_pretrained_tokenizer(run, vocabulary=_pretrained_vocabulary(run), indexes=found)
     return dims
 
 
@@ -167,3 +171,39 @@ def _tokenizer_words(index: dict) -> str:
     tokenizer = index["tokenizer"]
     digest = f", sha256 {tokenizer['sha256'][:12]}" if tokenizer["sha256"] else ""
     return f"{tokenizer['name']} (end of document {tokenizer['eod_id']}{digest})"
+
+
+def _pretrained_vocabulary(run: RunConfig) -> tuple[str, int] | None:
+    """(digest, size) of the vocabulary in `model.init_from`'s tokenizer.json; None without
+    init_from or without a tokenizer.json there (then there is nothing to compare)."""
+    if not run.model.init_from:
+        return None
+    url = f"{run.model.init_from.rstrip('/')}/{HF_FILE}"
+    try:
+        with fsspec.open(url, "rb", **run.model.storage_options) as file:
+            source = file.read()
+    except FileNotFoundError:
+        return None
+    vocabulary = hf_vocabulary(source, url)
+    return vocabulary_digest(vocabulary), len(vocabulary)
+
+
+def check_pretrained_tokenizer(run: RunConfig, *, vocabulary: tuple[str, int] | None,
+                               indexes: dict[Source, dict]) -> None:
+    """A model initialised from `model.init_from` must train on data its own tokenizer made:
+    `vocabulary` is (digest, size) of the tokenizer.json there, compared with the vocabulary each
+    dataset was prepared with (by content, so a Llama 3 .tiktoken file matches its
+    tokenizer.json). Datasets of bare ids say nothing of their tokenizer and are let through."""
+    if vocabulary is None:
+        return
+    digest, size = vocabulary
+    for source, index in indexes.items():
+        tokenizer = index["tokenizer"]
+        theirs = tokenizer.get("vocab_sha256") or (
+            BYTES_DIGEST if tokenizer["kind"] == "bytes" else None)
+        if theirs is not None and theirs != digest:
+            raise ConfigError(KEY.model.init_from, run.model.init_from,
+                              f"its tokenizer.json ({size} tokens) is not the tokenizer "
+                              f"{source.url or source.name} ({source.key}) was prepared with "
+                              f"({tokenizer['name']}, {tokenizer['vocab_size']} tokens); prepare "
+                              f"the data with --tokenizer hf:{run.model.init_from}")

@@ -55,6 +55,8 @@ def test_hf_tokenizer_dataset_holds_the_libraries_own_ids(tmp_path, hf_dir):
     assert split_documents(shards, eod) == [
         reference.encode(t, add_special_tokens=False).ids for t in texts]
     file_bytes = (hf_dir / "tokenizer.json").read_bytes()
+    # the vocabulary's digest: test_a_tiktoken_file_and_the_tokenizer_json_made_from_it_...
+    assert len(index["tokenizer"].pop("vocab_sha256")) == 64
     assert index["tokenizer"] == {
         "kind": "hf", "name": f"hf:{hf_dir}", "vocab_size": reference.get_vocab_size(),
         "sha256": hashlib.sha256(file_bytes).hexdigest(), "eod_id": eod, "eod_token": EOD}
@@ -134,3 +136,32 @@ def test_version_1_indexes_still_open(tmp_path):
     assert shards.read(0, 10).tolist() == list(range(10))
     assert shards.index["tokenizer"]["kind"] == "bytes"
     assert shards.index["tokenizer"]["eod_id"] == 255
+
+
+def test_a_tiktoken_file_and_the_tokenizer_json_made_from_it_share_a_vocabulary(tmp_path,
+                                                                              tiktoken_path,
+                                                                              hf_dir):
+    # transformers' own converter (as Llama 3's tokenizer.json was made) is the independent side
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from trainer.data.tokenizer import TIKTOKEN_PATTERN, TIKTOKEN_SPECIAL
+
+    converted = TikTokenConverter(vocab_file=str(tiktoken_path), pattern=TIKTOKEN_PATTERN,
+                                  extra_special_tokens=list(TIKTOKEN_SPECIAL)).converted()
+    (tmp_path / "converted").mkdir()
+    converted.save(str(tmp_path / "converted" / "tokenizer.json"))
+    tiktoken = load_tokenizer(f"tiktoken:{tiktoken_path}")
+    hf = load_tokenizer(f"hf:{tmp_path / 'converted'}", eod_token="<|end_of_text|>")
+    assert tiktoken.sha256 != hf.sha256  # different files ...
+    assert tiktoken.record()["vocab_sha256"] == hf.record()["vocab_sha256"]  # ... one vocabulary
+    text = corpus_texts(6)
+    assert ([a.tolist() for a in tiktoken.encoder()(text)]
+            == [b.tolist() for b in hf.encoder()(text)])
+    # the same tokenizer.json written out again differs as a file, not as a vocabulary
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "tokenizer.json").write_text(
+        json.dumps(json.loads((hf_dir / "tokenizer.json").read_text()), indent=4))
+    again, original = load_tokenizer(f"hf:{tmp_path / 'again'}"), load_tokenizer(f"hf:{hf_dir}")
+    assert again.sha256 != original.sha256
+    assert again.record()["vocab_sha256"] == original.record()["vocab_sha256"]
+    assert original.record()["vocab_sha256"] != hf.record()["vocab_sha256"]

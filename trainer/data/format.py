@@ -3,7 +3,8 @@ little-endian token files.
 
 The index records the format version, the dtype (`uint16` while every id is below 65536, else
 `uint32`), `vocab_size` (the tokenizer's vocabulary; for `ids`, the largest id + 1), the tokenizer
-(kind, name, vocabulary size, its file's SHA-256, the end-of-document id), the document separator
+(kind, name, vocabulary size, its file's SHA-256, the end-of-document id and a digest of its
+vocabulary, `trainer.data.tokenizer.vocabulary_digest`), the document separator
 (that same id), the number of documents and each shard's file name, token count and SHA-256. The
 index is written last: a directory without one is not a dataset, so an interrupted `prepare`
 never looks finished. Version 1 indexes (the tokenizer as a bare name) are read as well.
@@ -79,6 +80,7 @@ def read_index(url: str, storage_options: dict | None = None) -> dict:
         kind = index["tokenizer"]
         index["tokenizer"] = {"kind": kind, "name": kind, "sha256": None,
                               "vocab_size": BYTES_VOCAB_SIZE if kind == "bytes" else None,
-                              "eod_id": index["separator"], "eod_token": None}
+                              "eod_id": index["separator"], "eod_token": None,
+                              "vocab_sha256": None}
         index.setdefault("num_documents", None)
     return index

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from trainer.config import KEY, DataConfig, eval_fraction, source_names
 from trainer.data.format import BYTES_SEPARATOR, BYTES_VOCAB_SIZE, read_index
+from trainer.data.tokenizer import BYTES_DIGEST
 
 BUILTIN = "stdlib"  # the built-in corpus's name in messages and metrics
 
@@ -40,7 +41,8 @@ def builtin_index() -> dict:
     """What the built-in corpus's index says, without preparing it."""
     return {"vocab_size": BYTES_VOCAB_SIZE, "separator": BYTES_SEPARATOR,
             "tokenizer": {"kind": "bytes", "name": "bytes", "vocab_size": BYTES_VOCAB_SIZE,
-                          "sha256": None, "eod_id": BYTES_SEPARATOR, "eod_token": None}}
+                          "sha256": None, "eod_id": BYTES_SEPARATOR, "eod_token": None,
+                          "vocab_sha256": BYTES_DIGEST}}
 
 
 def indexes(cfg: DataConfig) -> dict[Source, dict]:

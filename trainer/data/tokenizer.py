@@ -2,8 +2,10 @@
 `tokenizers`) and `tiktoken:<.tiktoken BPE file>` (Llama 3-style vocabularies).
 
 A `TokenizerSpec` is what the index records and what worker processes receive: the name the user
-gave, the tokenizer file's bytes and SHA-256, the vocabulary size and the end-of-document id. Each
-process builds its own encoder from it (`encoder()`), so nothing unpicklable crosses processes.
+gave, the tokenizer file's bytes and SHA-256, the vocabulary size and the end-of-document id, and a
+digest of the vocabulary itself (`vocabulary_digest`: the same for a Llama 3 `tokenizer.json` and
+its `.tiktoken` file, which differ as files). Each process builds its own encoder from it
+(`encoder()`), so nothing unpicklable crosses processes.
 `tokenizers` and `tiktoken` are imported only by the kind that needs them.
 """
 
@@ -59,7 +61,21 @@ class TokenizerSpec:
     def record(self) -> dict:
         """What the index keeps: everything but the file itself."""
         return {"kind": self.kind, "name": self.name, "vocab_size": self.vocab_size,
-                "sha256": self.sha256, "eod_id": self.eod_id, "eod_token": self.eod_token}
+                "sha256": self.sha256, "eod_id": self.eod_id, "eod_token": self.eod_token,
+                "vocab_sha256": self.vocabulary_digest()}
+
+    def vocabulary_digest(self) -> str | None:
+        """`vocabulary_digest` of this tokenizer's vocabulary (None for ids: unknown)."""
+        if self.kind == "bytes":
+            return BYTES_DIGEST
+        if self.kind == "hf":
+            return vocabulary_digest(hf_vocabulary(self.source, self.name))
+        if self.kind == "tiktoken":
+            ranks = tiktoken_ranks(self.source, self.name)
+            first_special = max(ranks.values()) + 1
+            return vocabulary_digest({**ranks, **{t.encode(): first_special + i
+                                                  for i, t in enumerate(TIKTOKEN_SPECIAL)}})
+        return None
 
     @property
     def encodes_text(self) -> bool:
@@ -222,3 +238,45 @@ def _encode_bytes(documents: Sequence[str | bytes]) -> list[np.ndarray]:
 def _text(document: str | bytes) -> str:
     # The input readers decode text for hf and tiktoken (naming the file on bad UTF-8).
     return document if isinstance(document, str) else document.decode("utf-8")
+
+
+# ---- comparing vocabularies -------------------------------------------------------------------
+
+def vocabulary_digest(tokens: dict[bytes, int]) -> str:
+    """SHA-256 of a vocabulary as (id, token bytes) pairs in id order: equal for two tokenizers
+    that map the same byte strings to the same ids, whatever their file formats."""
+    digest = hashlib.sha256()
+    for token, number in sorted(tokens.items(), key=lambda item: item[1]):
+        digest.update(number.to_bytes(8, "little") + len(token).to_bytes(8, "little") + token)
+    return digest.hexdigest()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable stand-ins byte-level BPE writes bytes as (GPT-2's `bytes_to_unicode`,
+    openai/gpt-2 src/encoder.py, which Hugging Face's ByteLevel pre-tokenizer follows): printable
+    Latin-1 bytes stand for themselves, the other 68 are written as chr(256 + n) in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    alphabet = {chr(b): b for b in kept}
+    moved = [b for b in range(256) if b not in alphabet.values()]
+    alphabet.update({chr(256 + n): b for n, b in enumerate(moved)})
+    return alphabet
+
+
+def hf_vocabulary(source: bytes, where: str) -> dict[bytes, int]:
+    """A tokenizer.json's vocabulary as byte strings: a byte-level BPE's tokens turned back into
+    the bytes they stand for, added (special) tokens and other models' tokens as UTF-8."""
+    tokenizer = _hf_tokenizer(source, where)
+    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    byte_level = '"ByteLevel"' in source.decode("utf-8", errors="replace")
+    alphabet = _byte_level_alphabet() if byte_level else {}
+    vocabulary = {}
+    for token, number in tokenizer.get_vocab(with_added_tokens=True).items():
+        if byte_level and token not in added and all(c in alphabet for c in token):
+            vocabulary[bytes(alphabet[c] for c in token)] = number
+        else:
+            vocabulary[token.encode()] = number
+    return vocabulary
+
+
+BYTES_DIGEST = vocabulary_digest({bytes([b]): b for b in range(BYTES_VOCAB_SIZE)})
