@@ -136,7 +136,8 @@ def step_samples_per_s(overrides: list[str], steps: int, work: Path) -> float:
 
 def loader_samples_per_s(overrides: list[str], batches: int) -> float:
     run = validate(compose(overrides))
-    loader = TokenDataModule(run.data, seed=run.seed).train_dataloader()
+    loader = TokenDataModule(run.data, seed=run.seed,
+                             document_mask=run.uses_document_mask).train_dataloader()
     taken, start = 0, time.perf_counter()
     while taken < batches:
         for _ in loader:

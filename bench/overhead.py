@@ -142,14 +142,17 @@ def run_hand_loop(run: RunConfig) -> Timing:
     model = Transformer(shape_of(run.model))
     optimizer = build_optimizer(model, run.optim)
     scheduler = build_scheduler(optimizer, run.optim, run.trainer.max_steps)
-    batches = endless(TokenDataModule(run.data, seed=run.seed).train_dataloader())
+    # the same batches as the run's, documents included where it masks attention by document
+    batches = endless(TokenDataModule(run.data, seed=run.seed,
+                                      document_mask=run.uses_document_mask).train_dataloader())
     model.train()
     losses: list[torch.Tensor] = []
     ends: list[tuple[float, float]] = []
     first_batch = time.perf_counter()
     for _ in range(run.trainer.max_steps):
-        inputs, targets = next(batches)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+        inputs, targets, *documents = next(batches)
+        loss = F.cross_entropy(model(inputs, *documents).flatten(0, 1).float(),
+                               targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm(model.parameters(), run.optim.grad_clip)
