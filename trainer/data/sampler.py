@@ -53,8 +53,33 @@ class EpochPlan:
     sources: torch.Tensor | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Split:
+    """How each global batch is split: batch_size windows per rank, num_replicas data-parallel
+    ranks, this one `rank`; `seed` orders the windows."""
+
+    batch_size: int
+    seed: int
+    num_replicas: int = 1
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.num_replicas)
+        if self.seed < 0:
+            raise ValueError(f"seed {self.seed}: must be 0 or more")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_replicas
+
+
+def _check_rank(rank: int, replicas: int) -> None:
+    if not 0 <= rank < replicas:
+        raise ValueError(f"rank {rank} outside 0..{replicas - 1}")
+
+
 @dataclass(frozen=True)
-class WindowSampler:
+class WindowSampler(_Split):
     """Which windows each data-parallel rank reads, batch by batch, epoch by epoch.
 
     Epoch e orders all windows by a permutation from its own generator, seeded by (seed, e).
@@ -66,19 +91,11 @@ class WindowSampler:
     """
 
     num_windows: int
-    batch_size: int
-    seed: int
-    num_replicas: int = 1
-    rank: int = 0
 
     def __post_init__(self) -> None:
-        _check_split(self.seed, self.rank, self.num_replicas)
+        super().__post_init__()
         if self.batches_per_epoch == 0:
             raise _no_global_batch(self.num_windows, self.batch_size, self.num_replicas)
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.num_replicas
 
     @property
     def batches_per_epoch(self) -> int:
@@ -94,13 +111,6 @@ class WindowSampler:
         return EpochPlan(self.epoch_windows(epoch))
 
 
-def _check_split(seed: int, rank: int, replicas: int) -> None:
-    if not 0 <= rank < replicas:
-        raise ValueError(f"rank {rank} outside 0..{replicas - 1}")
-    if seed < 0:
-        raise ValueError(f"seed {seed}: must be 0 or more")
-
-
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     # SeedSequence mixes both numbers into well-spread state, so nearby (seed, epoch) pairs do not
     # give related permutations, and the global RNG is never touched.
@@ -109,7 +119,7 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 @dataclass(frozen=True)
-class MixtureSampler:
+class MixtureSampler(_Split):
     """Windows from several sources, each sample's source drawn by weight.
 
     Every slot of every global batch draws its source from `weights` with a generator seeded by
@@ -122,13 +132,9 @@ class MixtureSampler:
 
     num_windows: tuple[int, ...]
     weights: tuple[float, ...]
-    batch_size: int
-    seed: int
-    num_replicas: int = 1
-    rank: int = 0
 
     def __post_init__(self) -> None:
-        _check_split(self.seed, self.rank, self.num_replicas)
+        super().__post_init__()
         if len(self.num_windows) != len(self.weights) or not self.weights:
             raise ValueError("one weight per source")
         for windows in self.num_windows:
@@ -136,10 +142,6 @@ class MixtureSampler:
                 raise _no_global_batch(0, self.batch_size, self.num_replicas)
         if self.batches_per_epoch == 0:
             raise _no_global_batch(sum(self.num_windows), self.batch_size, self.num_replicas)
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.num_replicas
 
     @property
     def batches_per_epoch(self) -> int:
@@ -317,7 +319,7 @@ class EvalLoader:
     def __init__(self, streams: Sequence[Stream], seq_len: int, batch_size: int,
                  num_replicas: int = 1, rank: int = 0, max_batches: int | None = None,
                  eod: int | None = None):
-        _check_split(0, rank, num_replicas)
+        _check_rank(rank, num_replicas)
         self.streams, self.seq_len, self.eod = list(streams), seq_len, eod
         counts = [num_windows(s, seq_len) for s in self.streams]
         self._sources = np.repeat(np.arange(len(counts)), counts)
