@@ -156,7 +156,8 @@ def run_hand_loop(run: RunConfig) -> Timing:
     initialised shard by shard as the module does."""
     start = time.perf_counter()
     family, shape = family_of(run.model), shape_of(run.model)
-    data = TokenDataModule(run.data, seed=run.seed)
+    # the same batches as the run's, documents included where it masks attention by document
+    data = TokenDataModule(run.data, seed=run.seed, document_mask=run.uses_document_mask)
     if run.world_size == 1:
         model = family.build(shape)
         family.init_weights(model, run.seed, "cpu")
@@ -182,8 +183,9 @@ def run_hand_loop(run: RunConfig) -> Timing:
     ends: list[tuple[float, float]] = []
     first_batch = time.perf_counter()
     for _ in range(run.trainer.max_steps):
-        inputs, targets = next(batches)
-        loss = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten())
+        inputs, targets, *documents = next(batches)
+        loss = F.cross_entropy(model(inputs, *documents).flatten(0, 1).float(),
+                               targets.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grad_norm(model.parameters(), run.optim.grad_clip)

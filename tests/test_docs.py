@@ -1,10 +1,10 @@
 """The manual cannot drift from the code.
 
-- Every shell command in the Quickstart (docs/quickstart.md) and in the README's "Everyday
-  commands" block runs here, read from the markdown itself: a command added to either page is run
-  without a change to this file. A `text` block after a shell block shows what its commands
-  print: every line of it must be a line they printed (`...` stands for what changes from run to
-  run: losses, timings, paths).
+- Every shell command in the Quickstart (docs/quickstart.md), in the README's "Everyday
+  commands" block and on "Your data" (docs/data.md) runs here, read from the markdown itself: a
+  command added to one of them is run without a change to this file. A `text` block after a
+  shell block shows what its commands print: every line of it must be a line they printed (`...`
+  stands for what changes from run to run: losses, timings, paths).
 - Every `$ command` example on the Troubleshooting page still exits with status 2 and prints the
   lines the page shows.
 - The configuration reference (docs/reference/configuration.md) is what `python -m
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,8 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 # Pages whose shell commands are run, and the heading of the section to read (None: the page).
-COMMAND_SOURCES = [("docs/quickstart.md", None), ("README.md", "Everyday commands")]
+COMMAND_SOURCES = [("docs/quickstart.md", None), ("README.md", "Everyday commands"),
+                   ("docs/data.md", None)]
 SHELL_FENCES = ("bash", "sh", "shell")
 
 # Appended to every command that trains, so that each takes seconds instead of minutes (the
@@ -43,6 +45,28 @@ INPUTS = {
     "my_texts/notes.md": "# Notes\n\nA few words of the reader's own text.\n" * 20,
     "my_texts/story.txt": "Once upon a time there was a token shard.\n" * 50,
 }
+
+
+def _data_page_inputs(workdir: Path) -> None:
+    """What docs/data.md's commands read: a BPE tokenizer directory and a .tiktoken file made
+    here from local text, and a corpus as JSONL, Parquet and a saved Hugging Face dataset."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from tokenizer_files import hf_tokenizer_dir, tiktoken_file
+
+    hf_tokenizer_dir(workdir / "my_tokenizer")
+    tiktoken_file(workdir / "my_tokenizer.tiktoken")
+    stdlib = sorted(Path(os.__file__).parent.glob("*.py"))[:12]
+    texts = [p.read_text(errors="replace") for p in stdlib]
+    (workdir / "corpus.jsonl").write_text("".join(
+        json.dumps({"text": t}) + "\n" for t in texts[:6]))
+    pq.write_table(pa.table({"content": texts[6:9]}), workdir / "code.parquet")
+    datasets.Dataset.from_dict({"text": texts[9:]}).save_to_disk(str(workdir / "wiki_saved"))
+
+
+# Files a page's commands read, made before its first command runs.
+PAGE_INPUTS = {"docs/data.md": _data_page_inputs}
 # Commands that are not run, and why. Nothing that runs on a CPU belongs here.
 SKIP = {
     "source .venv/bin/activate": "every command here already runs with the test's own virtual "
@@ -148,6 +172,8 @@ class Reader:
         for name, text in INPUTS.items():
             (workdir / name).parent.mkdir(parents=True, exist_ok=True)
             (workdir / name).write_text(text)
+        if page in PAGE_INPUTS:
+            PAGE_INPUTS[page](workdir)
 
     def run_through(self, position: int) -> subprocess.CompletedProcess | None:
         """The command at `position`, run (None: skipped, SKIP says why) after those above it;

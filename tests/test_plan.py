@@ -194,6 +194,11 @@ BLOCK_NORMS = 2 * 256
 TABLE = 256 * 256  # embedding; the head is the same size
 TOTAL = 4 * (BLOCK_MATMUL + BLOCK_NORMS) + 2 * TABLE + 256
 TOKENS = 8 * 256  # micro batch x seq_len
+# Document masking (on by default): per token, the block-causal mask's row of seq_len entries in
+# the compute dtype, kept once for every layer, and cos and sin at the token's position in its
+# document (head_dim / 2 each) in the parameters' dtype.
+MASK_FP32 = 256 * 4 + 32 * 4
+MASK_BF16_COMPUTE = 256 * 2 + 32 * 4
 
 
 def test_parameter_count_agrees_with_the_model():
@@ -219,13 +224,13 @@ def test_memory_of_fsdp_in_fp32_by_hand():
         # the largest FSDP unit is a block: two gathered copies plus its unsharded gradient
         "fsdp_buffers": (BLOCK_MATMUL + BLOCK_NORMS) * (4 + 4 + 4),
         "ddp_buckets": 0,
-        "activations": TOKENS * (4 * block + final_norm),
+        "activations": TOKENS * (4 * block + final_norm + MASK_FP32),
         "logits": TOKENS * 256 * (4 + 4 + 4),  # logits, fp32 log-softmax, its gradient
     })
     with_ac = by_shape(candidates(auto("trainer.devices=2")), (1, 2, 1, 1), ac=True)
     # each block keeps its fp32 input; one block is recomputed at a time
     assert with_ac.estimate.memory["activations"] == pytest.approx(
-        TOKENS * (4 * 4 * 256 + block + final_norm))
+        TOKENS * (4 * 4 * 256 + block + final_norm + MASK_FP32))
 
 
 def test_memory_of_tensor_parallel_under_bf16_autocast_by_hand():
@@ -246,21 +251,13 @@ def test_memory_of_tensor_parallel_under_bf16_autocast_by_hand():
         "autocast_weights": 2 * (4 * BLOCK_MATMUL + TABLE) / 2,  # bf16 copy of local matmuls
         "fsdp_buffers": 0,
         "ddp_buckets": 0,
-        "activations": TOKENS * (4 * block + final_norm),
+        "activations": TOKENS * (4 * block + final_norm + MASK_BF16_COMPUTE),
         "logits": TOKENS * 256 * (2 + 4 + 4 + 2),  # + the bf16 logits' own gradient
     })
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-mixed"])
-def test_activation_estimate_matches_what_autograd_saves(precision):
-    run = load(["model.dim=128", "model.n_layers=3", "model.ffn_dim=384", "model.vocab_size=64",
-                "model.max_seq_len=64", "data.seq_len=64", "data.micro_batch_size=2",
-                f"trainer.precision={precision}"])
-    estimate = choose(run).estimate.memory
-    torch.manual_seed(0)
-    model = Transformer(shape_of(run.model))
-    if precision == "bf16-true":
-        model = model.to(torch.bfloat16)
+def saved_bytes(model: Transformer, precision: str, *inputs: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward pass (weights aside)."""
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -272,10 +269,36 @@ def test_activation_estimate_matches_what_autograd_saves(precision):
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t), autocast:
-        model(torch.randint(64, (2, 64)))
+        model(*inputs)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-mixed"])
+def test_activation_estimate_matches_what_autograd_saves(precision):
+    shape = ["model.dim=128", "model.n_layers=3", "model.ffn_dim=384", "model.vocab_size=64",
+             "model.max_seq_len=256", "data.seq_len=256", "data.micro_batch_size=2",
+             f"trainer.precision={precision}"]
+    plain = choose(load([*shape, "data.document_mask=false"])).estimate.memory
+    masked = choose(load([*shape, "data.document_mask=true"])).estimate.memory
+    torch.manual_seed(0)
+    model = Transformer(shape_of(load(shape).model))
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    tokens = torch.randint(64, (2, 256))
+    # two rows packing 3 and 1 documents
+    documents = torch.tensor([[0] * 40 + [1] * 160 + [2] * 56, [0] * 256], dtype=torch.int32)
+    without, with_mask = (saved_bytes(model, precision, tokens),
+                          saved_bytes(model, precision, tokens, documents))
     # under autocast the saved tensors include its 16-bit copies of the weights
-    expected = estimate["activations"] + estimate["autocast_weights"]
-    assert sum(saved.values()) == pytest.approx(expected, rel=0.02)
+    assert without == pytest.approx(plain["activations"] + plain["autocast_weights"], rel=0.02)
+    assert with_mask == pytest.approx(masked["activations"] + masked["autocast_weights"],
+                                      rel=0.02)
+    # What masking adds, on its own (about a tenth of the whole here). The plain pass keeps
+    # slices of the rotary buffers themselves, which the masked one replaces by tables gathered
+    # per token.
+    buffers = model.rope_cos.nbytes + model.rope_sin.nbytes
+    assert with_mask - without + buffers == pytest.approx(
+        masked["activations"] - plain["activations"], rel=0.02)
 
 
 def test_plain_data_parallel_holds_whole_copies_and_a_bucketed_gradient():

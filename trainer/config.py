@@ -124,6 +124,15 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One dataset of a mixture (`data.sources`)."""
+
+    path: str = MISSING  # fsspec URL of a token dataset (`python -m trainer.data prepare`)
+    weight: float = 1.0  # its share of the samples, relative to the other sources' weights
+    name: Optional[str] = None  # its label in MLflow (data/tokens/NAME); null: the path's last part
+
+
+@dataclass
 class DataConfig:
     name: str = "stdlib"  # the option: stdlib (built in) or shards (yours)
     # fsspec URL of a directory of token shards (see `python -m trainer.data prepare`);
@@ -136,6 +145,16 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank (0: load in the training process)
     # fsspec options for `path`, e.g. endpoint_url for an S3-compatible store
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # A mixture instead of `path`: [{path: URL, weight: W, name: N}, ...]; each sample comes from
+    # one source, drawn by weight with the run's seed; every source's position is checkpointed.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # Held-out evaluation: a dataset URL, or a fraction (e.g. 0.01) of the training data held
+    # out by document (the last documents of each source); null: no evaluation.
+    eval: Optional[str] = None
+    # Block-causal attention over packed documents: a token attends to the earlier tokens of its
+    # own document only, and positions restart at each document. null: on for a model family's
+    # attention wherever the datasets have end-of-document tokens (off on the XLA path)
+    document_mask: Optional[bool] = None
 
 
 # The mesh's dims, outermost first: ranks are laid out row-major over them, so tp varies fastest.
@@ -277,6 +296,9 @@ class TrainerConfig:
     fp8_recipe: str = "tensorwise"  # scaling of trainer.precision=fp8: tensorwise | rowwise
     log_every_n_steps: int = 10  # a progress line and a metrics point every N steps
     progress_bar: bool = True  # progress (loss, tok/s, MFU): a bar on a terminal, else log lines
+    # With data.eval: evaluate every N optimizer steps and after the last (0: after the last only)
+    eval_every_n_steps: int = 100
+    eval_batches: Optional[int] = None  # micro batches per rank per evaluation; null: all of it
 
 
 @dataclass
@@ -362,6 +384,14 @@ class RunConfig:
     def uses_family_model(self) -> bool:
         """The model is the family's (the default `_target_`), not a user's own module."""
         return self.model._target_ == ModelConfig._target_
+
+    @property
+    def uses_document_mask(self) -> bool:
+        """Batches carry document boundaries to the family's attention (`data.document_mask`);
+        a dataset without end-of-document tokens has none to carry."""
+        if self.data.document_mask is None:
+            return self.uses_family_model and not self.uses_xla
+        return self.data.document_mask
 
     @property
     def uses_xla(self) -> bool:
@@ -576,6 +606,43 @@ def _check_data(run: RunConfig) -> None:
     if run.uses_family_model and d.seq_len > run.model.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len,
                           f"must be at most model.max_seq_len={run.model.max_seq_len}")
+    if d.document_mask and not run.uses_family_model:
+        raise ConfigError("data.document_mask", d.document_mask,
+                          "masks a model family's attention; a user's module (model._target_) "
+                          "gets (inputs, targets) batches: use null or false")
+    if d.sources and d.path is not None:
+        raise ConfigError("data.path", d.path, "set data.path or data.sources, not both "
+                          "(a single dataset is a one-source mixture: data.path=null)")
+    for i, source in enumerate(d.sources):
+        _positive(f"data.sources[{i}].weight", source.weight)
+    names = source_names(d)
+    if len(set(names)) != len(names):
+        raise ConfigError("data.sources", [s.path for s in d.sources],
+                          f"two sources share the name {_first_repeat(names)!r}; give them "
+                          "distinct `name`s")
+    fraction = eval_fraction(d)
+    if fraction is not None and not 0 < fraction < 1:
+        raise ConfigError("data.eval", d.eval, "a held-out fraction must be between 0 and 1 "
+                          "(e.g. 0.01), or give a dataset URL")
+
+
+def source_names(d: DataConfig) -> list[str]:
+    """The label of each of `data.sources`: its `name`, else the last part of its path."""
+    return [s.name or s.path.rstrip("/").rsplit("/", 1)[-1] for s in d.sources]
+
+
+def _first_repeat(names: list[str]) -> str:
+    return next(n for i, n in enumerate(names) if n in names[:i])
+
+
+def eval_fraction(d: DataConfig) -> float | None:
+    """`data.eval` as a held-out fraction, or None when it is null or a dataset URL."""
+    if d.eval is None:
+        return None
+    try:
+        return float(d.eval)
+    except ValueError:
+        return None
 
 
 FSDP_DTYPES = ("float32", "bfloat16")
@@ -632,6 +699,11 @@ def _check_trainer(run: RunConfig) -> None:
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.log_every_n_steps", t.log_every_n_steps)
     _one_of("trainer.precision", t.precision, PRECISIONS)
+    if t.eval_every_n_steps < 0:
+        raise ConfigError("trainer.eval_every_n_steps", t.eval_every_n_steps,
+                          "must be 0 (after the last step only) or more")
+    if t.eval_batches is not None:
+        _positive("trainer.eval_batches", t.eval_batches)
     if t.devices is not None:
         _positive("trainer.devices", t.devices)
         hw = run.hardware

@@ -65,9 +65,13 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     saver = build_saver(run, checkpoints, track)
     monitor = StepMonitor(_throughput(run, dims, module), every_n=run.trainer.log_every_n_steps)
     preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
+    # The data's own callbacks (evaluation, a mixture's token counts) come after preemption's:
+    # evaluation gives way to a stop that preemption asked for.
     trainer = build_trainer(run, dims, checkpoints.io, run_dir, track,
-                            [monitor, saver, preemption,
-                             *display_callbacks(run, dims, monitor, track), *callbacks])
+                            [monitor, saver, preemption, *data.callbacks(),
+                             *display_callbacks(run, dims, monitor, track, data.evaluation),
+                             *callbacks],
+                            data.trainer_arguments(run.trainer, dims.accumulation))
     train(trainer, module, data, checkpoints.resume_from, track, preemption)
     result = FitResult(dims, saver.last_saved, dict(monitor.latest),
                        track.run_id if track else None)
@@ -88,7 +92,8 @@ def prepare_process(run: RunConfig) -> None:
 def open_data(run: RunConfig) -> TokenDataModule:
     """The training data, opened now: unreadable or truncated shards (or a remote copy that fails
     its checksum) stop the run with one line before any process group exists."""
-    data = TokenDataModule(run.data, seed=run.seed)
+    data = TokenDataModule(run.data, seed=run.seed, eval_batches=run.trainer.eval_batches,
+                           document_mask=run.uses_document_mask)
     data.setup()
     return data
 
@@ -131,9 +136,10 @@ def start_tracking(run: RunConfig, dims: ParallelDims, run_dir: Path, resolved: 
 
 
 def display_callbacks(run: RunConfig, dims: ParallelDims, monitor: StepMonitor,
-                      track: tracking.Tracking | None) -> list[pl.Callback]:
+                      track: tracking.Tracking | None, evaluation: Any = None) -> list[pl.Callback]:
     """What a person watches: the progress display (which says fp8 / mxfp8, and when torchao
-    emulates it), and MLflow's view of the run's continuity and checkpoints."""
+    emulates it, and the latest `evaluation`), and MLflow's view of the run's continuity and
+    checkpoints."""
     low_precision = LowPrecision.of(run, fsdp=dims.fsdp)
     if low_precision is not None and global_rank(run) == 0:
         log.info("precision: %s", low_precision.describe())
@@ -141,14 +147,17 @@ def display_callbacks(run: RunConfig, dims: ParallelDims, monitor: StepMonitor,
     if run.trainer.progress_bar:
         shown.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
                                                             run.trainer.max_steps // 20),
-                                     note=low_precision.label if low_precision else ""))
+                                     note=low_precision.label if low_precision else "",
+                                     evaluation=evaluation))
     if track:
         shown.append(tracking.RunContinuity(track))
     return shown
 
 
 def build_trainer(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointIO, run_dir: Path,
-                  track: tracking.Tracking | None, callbacks: list[pl.Callback]) -> pl.Trainer:
+                  track: tracking.Tracking | None, callbacks: list[pl.Callback],
+                  validation: dict[str, Any]) -> pl.Trainer:
+    """The Lightning Trainer; `validation` schedules the validation loop (evaluation's)."""
     return pl.Trainer(
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
@@ -167,8 +176,7 @@ def build_trainer(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointI
         enable_progress_bar=False,  # ProgressDisplay counts optimizer steps, not epoch batches
         enable_model_summary=False,
         log_every_n_steps=run.trainer.log_every_n_steps,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
+        **validation,
     )
 
 

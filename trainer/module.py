@@ -95,9 +95,16 @@ class LanguageModel(pl.LightningModule):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        inputs, targets = batch
-        logits = self.model(inputs)
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
+        return self._loss(batch)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
+        return self._loss(batch)
+
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # (inputs, targets), or with document masking (inputs, targets, documents)
+        inputs, targets, *documents = batch
+        logits = self.model(inputs, *documents)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def configure_optimizers(self):

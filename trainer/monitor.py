@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -43,6 +44,7 @@ class StepMonitor(pl.Callback):
         self._window_steps = 0
         self._data_wait = 0.0
         self._batch_end: float | None = None
+        self._paused: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step = trainer.global_step
@@ -51,6 +53,18 @@ class StepMonitor(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._batch_end is not None:
             self._data_wait += time.perf_counter() - self._batch_end
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._paused = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # An evaluation is neither step time nor data wait: the clocks skip it.
+        if self._paused is not None:
+            away = time.perf_counter() - self._paused
+            self._window_start += away
+            if self._batch_end is not None:
+                self._batch_end += away
+            self._paused = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -149,9 +163,10 @@ class ProgressDisplay(pl.Callback):
     else (a SLURM log, CI) a plain log line every `log_every` steps."""
 
     def __init__(self, monitor: StepMonitor, log_every: int, interactive: bool | None = None,
-                 note: str = ""):
+                 note: str = "", evaluation: Any = None):
         self.monitor = monitor
         self.note = note  # said on every line, e.g. "fp8 emulated"
+        self.evaluation = evaluation  # its `latest` eval/loss joins the line
         self.log_every = log_every
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self._progress = None
@@ -199,6 +214,9 @@ class ProgressDisplay(pl.Callback):
                  f"{m['train/tokens_per_s']:,.0f} tok/s"]
         if "perf/mfu" in m:
             parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+        latest = getattr(self.evaluation, "latest", None)
+        if latest:
+            parts.append(f"eval {latest['eval/loss']:.4f} (ppl {latest['eval/perplexity']:.2f})")
         if self.note:
             parts.append(self.note)
         return "  ".join(parts)

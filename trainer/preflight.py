@@ -11,10 +11,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 
-from trainer.config import KEY, ConfigError, RunConfig
-from trainer.data import dataset_vocab_size
+from trainer.config import KEY, ConfigError, RunConfig, eval_fraction
+from trainer.data.sources import Source, eval_source, indexes, training_sources
+from trainer.data.tokenizer import BYTES_DIGEST, HF_FILE, hf_vocabulary, vocabulary_digest
 from trainer.plan import ParallelDims, choose
 from trainer.urls import check_url
 from trainer.xla import XLA_INSTALL_HINT
@@ -34,8 +36,10 @@ def check_startable(run: RunConfig) -> ParallelDims:
     check_drivable(run, **_devices_here(run))
     check_xla(run, xla_missing=_xla_missing(run), in_cluster=in_cluster)
     check_reachable(run, rank=global_rank(run))
-    check_dataset(run, vocab_size=dataset_vocab_size(run.data))
+    found = indexes(run.data)
+    check_datasets(run, indexes=found)
     check_pretrained_weights(run)
+    check_pretrained_tokenizer(run, vocabulary=_pretrained_vocabulary(run), indexes=found)
     return dims
 
 
@@ -53,15 +57,16 @@ _reached: set[str] = set()  # URL checks this process passed: a sweep's jobs sha
 
 
 def check_reachable(run: RunConfig, *, rank: int) -> None:
-    """Every URL the run names answers (`trainer.urls.check_url`): the dataset's, the pretrained
+    """Every URL the run names answers (`trainer.urls.check_url`): the datasets', the pretrained
     weights', the checkpoint directory (a probe object written and deleted; a relative one lives
     under the run directory, which `fit` checks once it exists), the resume URL (a committed
     checkpoint); on rank 0, which alone talks to it, the tracking URI."""
     d, m, c = run.data, run.model, run.checkpoint
     checks: list[tuple[Any, ...]] = []
-    if d.path:
-        checks.append((KEY.data.path, d.path, d.storage_options, False,
-                       KEY.data.storage_options))
+    for source in [*training_sources(d), *filter(None, [eval_source(d)])]:
+        if source.url:
+            checks.append((source.key, source.url, d.storage_options, False,
+                           KEY.data.storage_options))
     if m.init_from:
         checks.append((KEY.model.init_from, m.init_from, m.storage_options, False,
                        KEY.model.storage_options))
@@ -178,9 +183,80 @@ def check_xla(run: RunConfig, *, xla_missing: str | None, in_cluster: bool) -> N
                           "process's device; use `python -m launch` (cluster=local runs torchrun)")
 
 
-def check_dataset(run: RunConfig, *, vocab_size: int) -> None:
-    """The dataset's token ids (up to `vocab_size` - 1) must all have an embedding."""
-    if run.uses_family_model and vocab_size > run.model.vocab_size:
-        raise ConfigError(KEY.model.vocab_size, run.model.vocab_size,
-                          f"the dataset {run.data.path or 'stdlib'} has token ids up to "
-                          f"{vocab_size - 1}; use a vocabulary of at least {vocab_size}")
+def check_datasets(run: RunConfig, *, indexes: dict[Source, dict]) -> None:
+    """What the indexes of the run's datasets (training sources first, then the held-out one)
+    must say: every token id has an embedding; one tokenizer made them all; a held-out fraction
+    has document ends to cut at."""
+    for source, index in indexes.items():
+        vocab = index["vocab_size"]
+        if run.uses_family_model and vocab > run.model.vocab_size:
+            raise ConfigError(KEY.model.vocab_size, run.model.vocab_size,
+                              f"the dataset {source.url or source.name} ({source.key}, "
+                              f"tokenizer {index['tokenizer']['name']}) has token ids up to "
+                              f"{vocab - 1}; use a vocabulary of at least {vocab}")
+    (first, first_index), *others = indexes.items()
+    for source, index in others:
+        if _tokenizer_identity(index) != _tokenizer_identity(first_index):
+            raise ConfigError(source.key, source.url,
+                              f"tokenized with {_tokenizer_words(index)}, but {first.key} "
+                              f"with {_tokenizer_words(first_index)}; the datasets of a run "
+                              "must share one tokenizer")
+    if run.data.document_mask:
+        for source, index in indexes.items():
+            if index["separator"] is None:
+                raise ConfigError(KEY.data.document_mask, True,
+                                  f"{source.url} ({source.key}) has no end-of-document token to "
+                                  "find documents by; prepare it with --separator, or use null")
+    if eval_fraction(run.data) is not None:
+        for source, index in indexes.items():
+            if index["separator"] is None:
+                raise ConfigError(KEY.data.eval, run.data.eval,
+                                  f"{source.url} ({source.key}) has no end-of-document token to "
+                                  "hold documents out by; give a held-out dataset URL")
+
+
+def _tokenizer_identity(index: dict) -> tuple:
+    tokenizer = index["tokenizer"]
+    return tokenizer["kind"], tokenizer["sha256"], tokenizer["eod_id"]
+
+
+def _tokenizer_words(index: dict) -> str:
+    tokenizer = index["tokenizer"]
+    digest = f", sha256 {tokenizer['sha256'][:12]}" if tokenizer["sha256"] else ""
+    return f"{tokenizer['name']} (end of document {tokenizer['eod_id']}{digest})"
+
+
+def _pretrained_vocabulary(run: RunConfig) -> tuple[str, int] | None:
+    """(digest, size) of the vocabulary in `model.init_from`'s tokenizer.json; None without
+    init_from or without a tokenizer.json there (then there is nothing to compare)."""
+    if not run.model.init_from:
+        return None
+    url = f"{run.model.init_from.rstrip('/')}/{HF_FILE}"
+    try:
+        with fsspec.open(url, "rb", **run.model.storage_options) as file:
+            source = file.read()
+    except FileNotFoundError:
+        return None
+    vocabulary = hf_vocabulary(source, url)
+    return vocabulary_digest(vocabulary), len(vocabulary)
+
+
+def check_pretrained_tokenizer(run: RunConfig, *, vocabulary: tuple[str, int] | None,
+                               indexes: dict[Source, dict]) -> None:
+    """A model initialised from `model.init_from` must train on data its own tokenizer made:
+    `vocabulary` is (digest, size) of the tokenizer.json there, compared with the vocabulary each
+    dataset was prepared with (by content, so a Llama 3 .tiktoken file matches its
+    tokenizer.json). Datasets of bare ids say nothing of their tokenizer and are let through."""
+    if vocabulary is None:
+        return
+    digest, size = vocabulary
+    for source, index in indexes.items():
+        tokenizer = index["tokenizer"]
+        theirs = tokenizer.get("vocab_sha256") or (
+            BYTES_DIGEST if tokenizer["kind"] == "bytes" else None)
+        if theirs is not None and theirs != digest:
+            raise ConfigError(KEY.model.init_from, run.model.init_from,
+                              f"its tokenizer.json ({size} tokens) is not the tokenizer "
+                              f"{source.url or source.name} ({source.key}) was prepared with "
+                              f"({tokenizer['name']}, {tokenizer['vocab_size']} tokens); prepare "
+                              f"the data with --tokenizer hf:{run.model.init_from}")

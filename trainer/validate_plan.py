@@ -348,7 +348,9 @@ def measure_step(run: RunConfig, chosen: Candidate, module, model: torch.nn.Modu
     _allocate_states(optimizer)
     shape = (run.data.micro_batch_size, run.data.seq_len)
     vocab = run.model.vocab_size
-    batch = (torch.randint(vocab, shape), torch.randint(vocab, shape))
+    batch: tuple[torch.Tensor, ...] = (torch.randint(vocab, shape), torch.randint(vocab, shape))
+    if run.uses_document_mask:  # the batches carry documents: attention keeps the mask
+        batch += (torch.zeros(shape, dtype=torch.int32),)
     if isinstance(model, FSDPModule):
         tracker = FSDPMemTracker(model)
         tracker.track_inputs(batch)

@@ -42,7 +42,7 @@ def test_cli_prepare_then_info(tmp_path, capsys):
 def test_cli_empty_directory_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["prepare", "--output", str(tmp_path / "ds"), str(tmp_path / "empty")]) == 2
-    assert "no .txt/.md/.py files found" in capsys.readouterr().err
+    assert "empty: no files to read (looked for *.txt *.md *.py" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists()
 
 

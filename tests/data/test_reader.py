@@ -1,16 +1,20 @@
-"""S3 through a real (moto) server: round trip and the local cache of remote shards."""
+"""Reading datasets: S3 through a real (moto) server (round trip, the local cache of remote
+shards), and a held-out part split off by document."""
 
 from __future__ import annotations
 
 import fsspec
+import numpy as np
 import pytest
 import torch
 
 from trainer.config import DataConfig
 from trainer.data import (
+    DataError,
     TokenDataModule,
     TokenShards,
     prepare,
+    split_by_document,
 )
 
 from .helpers import (
@@ -53,3 +57,28 @@ def test_s3_round_trip_and_local_cache(tmp_path, s3_options):
                                         storage_options=s3_options), seed=0)
     inputs, targets = next(iter(module.train_dataloader()))
     assert inputs.shape == (2, 8) and torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_a_held_out_fraction_is_whole_documents_at_the_end(tmp_path):
+    texts = [f"document number {i} " * (1 + i % 3) for i in range(20)]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i:02d}.txt").write_text(text)
+    prepare([str(tmp_path)], str(tmp_path / "ds"))
+    shards = TokenShards.open(str(tmp_path / "ds"))
+    train, held_out = split_by_document(shards, 0.2, "ds")
+
+    def texts_of(region):
+        stream = region.windows(np.array([0]), len(region))[0].astype(np.uint8).tobytes()
+        return [doc.decode() for doc in stream.split(b"\xff")[:-1]]
+
+    assert len(train) + len(held_out) == len(shards) and train.stop == held_out.start
+    cut = len(texts_of(train))
+    assert texts_of(train) + texts_of(held_out) == texts  # nothing cut through, nothing lost
+    assert 0.15 < len(held_out) / len(shards) < 0.3 and 0 < cut < len(texts)
+
+
+def test_ids_without_document_ends_cannot_be_split_by_document(tmp_path):
+    np.save(tmp_path / "ids.npy", np.arange(100))
+    prepare([str(tmp_path / "ids.npy")], str(tmp_path / "ds"), tokenizer="ids")
+    with pytest.raises(DataError, match=r"no end token \(separator none\)"):
+        split_by_document(TokenShards.open(str(tmp_path / "ds")), 0.1, "ds")

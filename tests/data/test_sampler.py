@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from trainer.data import (
     DataError,
+    EvalLoader,
+    MixtureSampler,
+    TokenLoader,
+    TokenShards,
+    WindowSampler,
+    prepare,
 )
 
 from .helpers import (
@@ -119,3 +126,122 @@ def test_too_little_data_for_one_batch(tmp_path):
     url = arange_dataset(tmp_path, 9)
     with pytest.raises(DataError, match="no global batch"):
         make_loader(url, batch_size=2, replicas=2)
+
+
+# ---- mixtures ---------------------------------------------------------------------------------
+
+def mixture(tmp_path, sizes=(40, 10), weights=(3.0, 1.0), *, seed=0, batch_size=4, replicas=1,
+            rank=0, seq_len=4):
+    """A mixture of arange datasets offset by 10_000 per source: a token says its source and
+    position (source = token // 10_000, window = token % 10_000 // seq_len)."""
+    streams = []
+    for i, windows in enumerate(sizes):
+        root = tmp_path / f"s{i}"
+        if not (root / "ds").exists():
+            root.mkdir(exist_ok=True)
+            np.save(root / "ids.npy", 10_000 * i + np.arange(windows * seq_len + 1))
+            prepare([str(root / "ids.npy")], str(root / "ds"), tokenizer="ids")
+        streams.append(TokenShards.open(str(root / "ds")))
+    sampler = MixtureSampler(num_windows=tuple(sizes), weights=tuple(weights),
+                             batch_size=batch_size, seed=seed, num_replicas=replicas, rank=rank)
+    return TokenLoader(streams, sampler, seq_len, names=[f"s{i}" for i in range(len(sizes))])
+
+
+def draws(batches, seq_len=4) -> list[list[tuple[int, int]]]:
+    """(source, window) of each row of each batch."""
+    return [[(int(t) // 10_000, int(t) % 10_000 // seq_len) for t in inputs[:, 0]]
+            for inputs, _ in batches]
+
+
+def test_mixture_draws_sources_by_weight_and_cycles_each_source(tmp_path):
+    loader = mixture(tmp_path, sizes=(40, 10), weights=(3.0, 1.0))
+    got = flat(draws(take(loader, 500)))  # 2000 samples: 12.5 epochs of the whole mixture
+    share = sum(source == 1 for source, _ in got) / len(got)
+    assert abs(share - 0.25) < 0.03  # weight 1 of 4; a binomial s.d. here is about 0.01
+    for source, size in ((0, 40), (1, 10)):
+        seen = [window for s, window in got if s == source]
+        # each source is read in passes: every window once per pass, in a new order each pass
+        passes = [seen[i:i + size] for i in range(0, len(seen) - size + 1, size)]
+        assert all(sorted(p) == list(range(size)) for p in passes) and len(passes) > 10
+        assert passes[0] != passes[1]
+    assert loader.source_windows() == {"s0": len(got) - round(share * len(got)),
+                                       "s1": round(share * len(got))}
+
+
+def test_mixture_is_deterministic_by_seed(tmp_path):
+    first = draws(take(mixture(tmp_path, seed=5), 30))
+    assert first == draws(take(mixture(tmp_path, seed=5), 30))
+    assert first != draws(take(mixture(tmp_path, seed=6), 30))
+
+
+def test_mixture_ranks_split_the_global_batch(tmp_path):
+    single = draws(take(mixture(tmp_path, batch_size=6), 20))
+    ranks = [draws(take(mixture(tmp_path, batch_size=2, replicas=3, rank=r), 20))
+             for r in range(3)]
+    for b in range(20):
+        assert sorted(single[b]) == sorted(flat(r[b] for r in ranks))
+
+
+@pytest.mark.parametrize("saved_after", [7, 12, 25])  # 12 batches per epoch: mid, end, later
+def test_mixture_state_resumes_exactly_with_every_sources_position(tmp_path, saved_after):
+    reference = draws(take(mixture(tmp_path), 40))
+    interrupted = mixture(tmp_path)
+    take(interrupted, saved_after)
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    assert [s["name"] for s in state["sources"]] == ["s0", "s1"]
+    assert sum(state["drawn"]) == 4 * saved_after
+    resumed = mixture(tmp_path)
+    resumed.load_state_dict(state)
+    assert draws(take(resumed, 40 - saved_after)) == reference[saved_after:]
+
+
+def test_mixture_state_of_other_sources_is_refused(tmp_path):
+    state = mixture(tmp_path, weights=(3.0, 1.0)).state_dict()
+    with pytest.raises(DataError, match="the saved data position has sources="):
+        mixture(tmp_path, weights=(1.0, 1.0)).load_state_dict(state)
+
+
+# ---- evaluation batches -------------------------------------------------------------------------
+
+def test_eval_loader_reads_the_same_batches_every_time_split_over_ranks(tmp_path):
+    streams = mixture(tmp_path, sizes=(5, 6)).streams  # 11 windows; G = 2 x 2 -> 2 batches
+    ranks = [EvalLoader(streams, 4, batch_size=2, num_replicas=2, rank=r) for r in range(2)]
+    assert [len(r) for r in ranks] == [2, 2]
+    first = [draws(list(r)) for r in ranks]
+    assert first == [draws(list(r)) for r in ranks]  # again: the same, in the same order
+    windows = flat(flat(first))
+    assert len(set(windows)) == len(windows) == 8
+    assert sorted(windows) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2)]
+    assert len(EvalLoader(streams, 4, batch_size=2, max_batches=1)) == 1
+
+
+# ---- document boundaries ------------------------------------------------------------------------
+
+def test_batches_say_which_document_each_token_is_in(tmp_path):
+    np.save(tmp_path / "ids.npy", np.array([5, 6, 9, 7, 9, 8, 8, 9]))  # 9 ends each document
+    prepare([str(tmp_path / "ids.npy")], str(tmp_path / "ds"), tokenizer="ids")
+    shards = TokenShards.open(str(tmp_path / "ds"))
+    loader = TokenLoader(shards, WindowSampler(num_windows=1, batch_size=1, seed=0), 7, eod=9)
+    inputs, targets, documents = next(iter(loader))
+    assert inputs.tolist() == [[5, 6, 9, 7, 9, 8, 8]]
+    assert targets.tolist() == [[6, 9, 7, 9, 8, 8, 9]]
+    # an end token belongs to the document it ends; the token after it starts the next
+    assert documents.tolist() == [[0, 0, 0, 1, 1, 2, 2]] and documents.dtype == torch.int32
+    (evaluated,) = list(EvalLoader([shards], 7, batch_size=1, eod=9))
+    assert evaluated[2].tolist() == documents.tolist()
+
+
+def test_the_data_module_adds_documents_only_where_the_data_has_ends(tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data import TokenDataModule
+
+    from .helpers import arange_dataset, write_texts
+
+    write_texts(tmp_path / "text")
+    prepare([str(tmp_path / "text")], str(tmp_path / "bytes"))  # ends each file with 0xFF
+    cfg = DataConfig(path=str(tmp_path / "bytes"), seq_len=4, micro_batch_size=2)
+    assert len(next(iter(TokenDataModule(cfg, 0, document_mask=True).train_dataloader()))) == 3
+    assert len(next(iter(TokenDataModule(cfg, 0).train_dataloader()))) == 2
+    no_ends = DataConfig(path=arange_dataset(tmp_path, 41), seq_len=4, micro_batch_size=2)
+    module = TokenDataModule(no_ends, 0, document_mask=True)
+    assert module.eod is None and len(next(iter(module.train_dataloader()))) == 2

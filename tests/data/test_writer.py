@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import numpy as np
@@ -12,6 +14,8 @@ from trainer.data import (
     TokenShards,
     prepare,
 )
+from trainer.data.__main__ import _info, main
+from trainer.data.progress import Progress
 
 from .helpers import (
     TEXTS,
@@ -79,3 +83,52 @@ def test_open_without_index_says_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"python -m trainer\.data prepare"):
         TokenShards.open(str(tmp_path / "empty"))
+
+
+class _StopAfter(Progress):
+    """A progress line that interrupts the prepare (as Ctrl-C would) once `tokens` are written."""
+
+    def __init__(self, total_bytes: int, tokens: int):
+        super().__init__(total_bytes)
+        self.stop_at = tokens
+
+    def update(self, documents: int, tokens: int, position: int) -> None:
+        super().update(documents, tokens, position)
+        if tokens >= self.stop_at:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_prepare_resumes_to_the_same_dataset(tmp_path):
+    texts = [f"document {i}: " + "words " * (i % 4) for i in range(30)]
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    args = ([str(tmp_path / "corpus.jsonl")],)
+    straight = prepare(*args, str(tmp_path / "straight"), shard_tokens=50)
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(*args, str(out), shard_tokens=50, progress=_StopAfter(0, tokens=230))
+    # Finished shards and the journal stay; nothing looks like a dataset.
+    assert not (out / "index.json").exists() and (out / "prepare.json").exists()
+    assert sorted(p.name for p in out.glob("shard-*")) == [f"shard-0000{i}.bin" for i in range(4)]
+    with pytest.raises(DataError, match=r"an interrupted prepare \(4 finished shard"):
+        _info(str(out))
+    # A process killed while writing leaves a partial shard behind: the resume writes it again.
+    (out / "shard-00004.bin").write_bytes(b"partial")
+    with pytest.raises(DataError, match=r"holds an interrupted prepare of another command \(its "
+                                        r"shard_tokens differ\)"):
+        prepare(*args, str(out), shard_tokens=60)
+
+    resumed = prepare(*args, str(out), shard_tokens=50)
+    assert resumed == straight
+    assert not (out / "prepare.json").exists()
+    assert documents(TokenShards.open(str(out))) == texts
+
+
+def test_the_progress_line_counts_documents_and_tokens(tmp_path, caplog):
+    write_texts(tmp_path / "text")
+    with caplog.at_level(logging.INFO):
+        assert main(["prepare", "--output", str(tmp_path / "ds"), str(tmp_path / "text")]) == 0
+    tokens = sum(len(text.encode()) + 1 for text in TEXTS.values())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepare:")]
+    assert lines[-1].startswith(f"prepare: 3 documents  {tokens:,} tokens  ")
+    assert lines[-1].endswith("tokens/s  100%  ETA 0:00:00")

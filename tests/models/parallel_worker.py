@@ -4,7 +4,8 @@ For each scenario (a mesh shape and parallelism options) every rank builds the d
 trainer does (meta device, parallelize, then its own shards allocated and initialised from the
 seed), checks that the gathered initial weights equal a one-process build's exactly, and trains
 a few steps on its data-parallel slice of each global batch with the project's AdamW
-(`trainer.optim.build_optimizer`), clipping with `trainer.optim.clip_grad_norm`. Beside it,
+(`trainer.optim.build_optimizer`), clipping with `trainer.optim.clip_grad_norm`; the middle step's
+rows pack several documents each (document masking). Beside it,
 every rank trains an unsharded copy on the whole global batch: the one-process reference.
 Rank 0 writes, per scenario, the initial weights' difference, the largest loss difference, the
 largest relative weight difference after training and the gradient norms both measured, as
@@ -64,6 +65,11 @@ SCENARIOS = [
 
 
 def run(scenario: Scenario) -> dict[str, float]:
+    # Each scenario compiles a new model, as a run's own process does: without a reset, the
+    # shapes of earlier scenarios' graphs make dynamo trace this one's with symbolic shapes, and
+    # tracing the document-masked checkpointed block that way overflows Python's recursion limit
+    # (torch 2.13, aot_eager).
+    torch._dynamo.reset()
     args = LlamaArgs(**{**ARGS.__dict__, "tie_embeddings": scenario.tie_embeddings})
     mesh = init_device_mesh("cpu", scenario.shape, mesh_dim_names=DIMS)
     dims = ParallelDims(scenario.shape, scenario.activation_checkpointing)
@@ -83,18 +89,23 @@ def run(scenario: Scenario) -> dict[str, float]:
     ref_optimizer = build_optimizer(reference, OPTIM)
     data = torch.Generator().manual_seed(1)
     loss_diff = norm_diff = 0.0
-    for _ in range(STEPS):
+    for step in range(STEPS):
         tokens = torch.randint(args.vocab_size, (replicas * MICRO_BATCH, args.max_seq_len + 1),
                                generator=data)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        # odd steps: each row packs documents (a new one starts where a draw falls under 0.2)
+        starts = torch.rand(inputs.shape, generator=data) < 0.2
+        documents = [starts.cumsum(dim=1, dtype=torch.int32)] if step % 2 else []
         mine = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
-        loss = F.cross_entropy(model(inputs[mine]).flatten(0, 1), targets[mine].flatten())
+        loss = F.cross_entropy(model(inputs[mine], *(d[mine] for d in documents)).flatten(0, 1),
+                               targets[mine].flatten())
         loss.backward()
         norm = clip_grad_norm(model.parameters(), MAX_NORM)
         optimizer.step()
         optimizer.zero_grad()
 
-        ref_loss = F.cross_entropy(reference(inputs).flatten(0, 1), targets.flatten())
+        ref_loss = F.cross_entropy(reference(inputs, *documents).flatten(0, 1),
+                                   targets.flatten())
         ref_loss.backward()
         ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
         ref_optimizer.step()

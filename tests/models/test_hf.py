@@ -166,6 +166,8 @@ def test_fine_tune_on_fsdp_x_tp_from_transformers_weights_and_export_back(tmp_pa
         [sys.executable, "-m", "trainer", *overrides(SMALL), f"model.init_from={directory}",
          "trainer.devices=4", "parallelism=fsdp_tp", "trainer.max_steps=2",
          "trainer.log_every_n_steps=1", "data.seq_len=64", "data.micro_batch_size=2",
+         # transformers' Llama attends across the whole row: so must ours, to compare losses
+         "data.document_mask=false",
          "tracking=none", "checkpoint.dir=checkpoints", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     log = proc.stdout + proc.stderr

@@ -7,7 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.llama.model import Transformer, apply_rotary, rotary_tables
+from trainer.models.llama.model import (
+    Transformer,
+    apply_rotary,
+    block_causal_mask,
+    document_positions,
+    rotary_tables,
+)
 from trainer.models.llama.shape import LlamaArgs
 from trainer.models.registry import shape_of
 
@@ -31,6 +37,43 @@ def test_forward_gives_logits_per_position():
     logits = Transformer(TINY)(random_tokens(TINY, batch=3, seq_len=10))
     assert logits.shape == (3, 10, TINY.vocab_size)
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16-autocast"])
+def test_a_packed_sequence_computes_each_document_as_if_alone(precision):
+    """Document masking: the logits of each document inside a packed row equal the logits of that
+    document run on its own (positions from 0, nothing seen of its neighbours)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_heads=4, n_kv_heads=2))
+    lengths = [[5, 9, 2], [16], [1, 15]]  # three rows of 16 tokens: documents packed in each
+    docs = [[random_tokens(TINY, batch=1, seq_len=n) for n in row] for row in lengths]
+    packed = torch.cat([torch.cat(row, dim=1) for row in docs])
+    documents = torch.cat([torch.cat([torch.full((1, n), i, dtype=torch.int32)
+                                      for i, n in enumerate(row)], dim=1) for row in lengths])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32")
+    with torch.no_grad(), autocast:
+        together = model(packed, documents).float()
+        alone = [[model(doc).float() for doc in row] for row in docs]
+        unmasked = model(packed).float()
+    tolerance = 1e-5 if precision == "float32" else 2e-2
+    for r, row in enumerate(alone):
+        torch.testing.assert_close(together[r:r + 1], torch.cat(row, dim=1),
+                                   atol=tolerance, rtol=tolerance)
+    # Without the documents the later documents see their neighbours: the logits differ.
+    assert not torch.allclose(unmasked[0, 5:], together[0, 5:], atol=1e-3)
+    assert torch.allclose(unmasked[0, :5], together[0, :5], atol=tolerance)
+
+
+def test_document_positions_restart_and_the_mask_stays_inside_documents():
+    documents = torch.tensor([[0, 0, 0, 1, 1, 2]], dtype=torch.int32)
+    assert document_positions(documents).tolist() == [[0, 1, 2, 0, 1, 0]]
+    allowed = block_causal_mask(documents, torch.float32)[0, 0] == 0
+    assert allowed.int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                      [1, 1, 0, 0, 0, 0],
+                                      [1, 1, 1, 0, 0, 0],
+                                      [0, 0, 0, 1, 0, 0],
+                                      [0, 0, 0, 1, 1, 0],
+                                      [0, 0, 0, 0, 0, 1]]
 
 
 def test_a_sequence_longer_than_max_seq_len_is_refused():

@@ -11,7 +11,8 @@ import uuid
 from pathlib import Path
 
 from trainer.data.format import INDEX_FILE, cache_root
-from trainer.data.writer import files_under, prepare
+from trainer.data.inputs import files_under
+from trainer.data.writer import prepare
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,12 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from trainer.data.format import BYTES_VOCAB_SIZE, DataError, cache_root, read_index
-
-if TYPE_CHECKING:
-    from trainer.config import DataConfig
+from trainer.data.format import DataError, cache_root, read_index
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +137,57 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def dataset_vocab_size(cfg: DataConfig) -> int:
-    """The vocabulary a run's dataset needs, from its index alone (no shard is read or copied):
-    the check a run makes before it starts. The built-in corpus is byte tokens."""
-    if cfg.path is None:
-        return BYTES_VOCAB_SIZE
-    return read_index(cfg.path, dict(cfg.storage_options))["vocab_size"]
+class Region:
+    """Tokens [start, stop) of a dataset, read like the whole of it (`len`, `windows`)."""
+
+    def __init__(self, shards: TokenShards, start: int, stop: int):
+        self.shards, self.start, self.stop = shards, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def windows(self, starts: np.ndarray, length: int) -> np.ndarray:
+        return self.shards.windows(np.asarray(starts, dtype=np.int64) + self.start, length)
+
+
+_SCAN_TOKENS = 1 << 20  # tokens read at a time when looking for a document boundary
+
+
+def split_by_document(shards: TokenShards, fraction: float, what: str) -> tuple[Region, Region]:
+    """(training, held out): the last documents of `shards`, about `fraction` of its tokens,
+    held out whole. The cut is the first document start at or after the nominal point, else the
+    last one before it; a dataset without end-of-document tokens cannot be split by document."""
+    eod = shards.separator
+    if eod is None:
+        raise DataError(f"{what}: its documents have no end token (separator none), so a "
+                        "fraction cannot be held out by document; give a held-out dataset URL")
+    total = len(shards)
+    nominal = total - max(1, round(fraction * total))
+    cut = _next_document_start(shards, eod, nominal)
+    if cut is None:
+        cut = _previous_document_start(shards, eod, nominal)
+    if cut is None or cut == 0:
+        raise DataError(f"{what}: one document only, nothing to hold out by document")
+    return Region(shards, 0, cut), Region(shards, cut, total)
+
+
+def _next_document_start(shards: TokenShards, eod: int, position: int) -> int | None:
+    start = max(0, position - 1)
+    while start < len(shards) - 1:
+        stop = min(len(shards) - 1, start + _SCAN_TOKENS)  # an end token as the last token
+        found = np.flatnonzero(shards.read(start, stop) == eod)  # starts no document
+        if found.size:
+            return start + int(found[0]) + 1
+        start = stop
+    return None
+
+
+def _previous_document_start(shards: TokenShards, eod: int, position: int) -> int | None:
+    stop = position
+    while stop > 0:
+        start = max(0, stop - _SCAN_TOKENS)
+        found = np.flatnonzero(shards.read(start, stop) == eod)
+        if found.size:
+            return start + int(found[-1]) + 1
+        stop = start
+    return None

@@ -124,6 +124,12 @@ class ModelCosts(Protocol):
                                    checkpointing: bool) -> float:
         """Bytes autograd keeps for backward across all layers and the head's input."""
 
+    def document_mask_bytes_per_token(self, w: Widths, seq_len: int) -> float:
+        """Bytes autograd keeps per token beyond `activation_bytes_per_token` when attention is
+        masked by document (`data.document_mask`): the mask the attention kernel reads, and
+        positions that restart per document. Asked only of families; a user's module gets no
+        document mask."""
+
     def tp_bytes_per_token(self, w: Widths, *, tp: int, checkpointing: bool) -> float:
         """Bytes one rank sends for tensor parallel per token of a micro-batch."""
 

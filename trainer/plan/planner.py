@@ -210,8 +210,9 @@ def memory_breakdown(facts: RunFacts, dims: ParallelDims) -> dict[str, float]:
         reduce-scatter in the reduce dtype.
     ddp_buckets: plain data parallel (replicas only, run by torch DDP) copies the gradients into
         its all-reduce buckets (gradient_as_bucket_view is off by default).
-    activations: the family's bytes per token (`ModelCosts.activation_bytes_per_token`) for
-        the tokens one rank holds; logits: see `logits_bytes`.
+    activations: the family's bytes per token (`ModelCosts.activation_bytes_per_token`, plus
+        `document_mask_bytes_per_token` when attention is masked by document) for the tokens one
+        rank holds; logits: see `logits_bytes`.
     """
     w = widths(facts.run, dims)
     p, sizes = facts.params, dims.sizes
@@ -220,6 +221,8 @@ def memory_breakdown(facts: RunFacts, dims: ParallelDims) -> dict[str, float]:
     activations = facts.costs.activation_bytes_per_token(
         w, tp=dims.tp, sequence_parallel=facts.run.parallelism.sequence_parallel,
         checkpointing=dims.activation_checkpointing)
+    if facts.run.uses_document_mask:
+        activations += facts.costs.document_mask_bytes_per_token(w, facts.run.data.seq_len)
     # fp8 / mxfp8: the converted linears cast their own weights (no autocast copy), and with
     # float8 all-gather FSDP gathers those in one byte (`trainer.plan.precision`)
     autocast_copied = p.matmul_per_rank(sizes) - (

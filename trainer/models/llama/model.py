@@ -11,6 +11,9 @@ checkpointing and torch.compile from outside, which is why the model keeps to a 
   that holds a column shard of wq/wk/wv computes with just its own heads;
 - blocks live in an `nn.ModuleDict` keyed "0".."n-1", so each can be wrapped or replaced by key;
 - rotary tables are real cos/sin buffers (no complex dtype), kept out of checkpoints;
+- given which document each token is in (`documents`, from the data), attention is block-causal
+  (a token sees the earlier tokens of its own document only) and positions restart at each
+  document, so a packed sequence computes what each of its documents would alone;
 - the constructor may run on the meta device: `init_weights(seed)` fills every parameter and
   buffer afterwards, each shard with the values the whole tensor would have (`trainer.models.init`),
   so the initial weights depend on the seed and never on the mesh.
@@ -42,13 +45,14 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float,
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of x [B, T, heads, head_dim] by its angle.
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of x [B, T, heads, head_dim] by its angle;
+    cos and sin are [T, head_dim / 2] (positions 0..T-1) or [B, T, head_dim / 2] (any positions).
 
     Adjacent pairs, not halves, match the layout of Meta's released Llama weights. The rotation
     runs in float32 so that under bf16 it adds no rounding of its own.
     """
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -69,8 +73,29 @@ class RMSNorm(nn.Module):
 
 
 
+def document_positions(documents: Tensor) -> Tensor:
+    """int64 [B, T]: each token's position in its own document (documents: [B, T], a row's
+    document numbers, non-decreasing)."""
+    index = torch.arange(documents.size(1), device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def block_causal_mask(documents: Tensor, dtype: torch.dtype) -> Tensor:
+    """[B, 1, T, T] additive mask: 0 where query i may see key j (j <= i, same document), -inf
+    elsewhere. Made once per forward in the dtype attention computes in, so every layer's
+    attention keeps this one tensor for backward rather than a converted copy each."""
+    T = documents.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    allowed = (documents[:, :, None] == documents[:, None, :]) & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=documents.device)
+    return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+
+
 class Attention(nn.Module):
-    """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
+    """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads.
+    With a mask (`block_causal_mask`), attention is limited to each token's document."""
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
@@ -81,7 +106,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, kv_dim, bias=False)
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         # -1 heads: under tensor parallel this rank holds only its column shard of wq/wk/wv
         q = apply_rotary(self.wq(x).view(B, T, -1, self.head_dim), cos, sin)
@@ -89,8 +114,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA takes [B, heads, T, head_dim]
         # enable_gqa only when heads are shared: with it, CUDA offers just the flash and math
-        # kernels (torch's SDPA docs), so plain multi-head attention keeps every kernel
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        # kernels (torch's SDPA docs), so plain multi-head attention keeps every kernel. With a
+        # mask and shared heads, torch 2.11 on an H200 ran cuDNN attention, which keeps no
+        # [T, T] weights (measured: docs/data.md, "Document masking").
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=k.size(1) != q.size(1))
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -118,13 +145,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Transformer(nn.Module):
-    """Token ids [B, T] to next-token logits [B, T, vocab_size]."""
+    """Token ids [B, T] to next-token logits [B, T, vocab_size]; with `documents` [B, T] (which
+    document of its row each token is in) attention and positions are per document."""
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
@@ -139,15 +167,21 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, documents: Tensor | None = None) -> Tensor:
         seq_len = tokens.size(1)
         if seq_len > self.args.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds "
                              f"max_seq_len={self.args.max_seq_len}")
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
         h = self.tok_embeddings(tokens)
+        mask = None
+        if documents is None:
+            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        else:
+            positions = document_positions(documents)
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            mask = block_causal_mask(documents, _attention_dtype(h))
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
 
     def init_weights(self, seed: int = 0, buffer_device: torch.device | str | None = None) -> None:
@@ -173,3 +207,11 @@ class Transformer(nn.Module):
             else:
                 std = residual_std if key.endswith(("wo.weight", "w2.weight")) else INIT_STD
                 init.fill_normal_(param, key, seed, std)
+
+
+def _attention_dtype(h: Tensor) -> torch.dtype:
+    """The dtype attention's inputs have: autocast's where it is on, else the stream's."""
+    device = h.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return h.dtype

@@ -97,9 +97,11 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, *,
             plan |= {
                 "attention_norm": SequenceParallel(),
                 "ffn_norm": SequenceParallel(),
-                # blocks call attention(x, cos, sin): gather x's sequence, leave the tables alone
-                "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                                desired_input_layouts=(Replicate(), None, None)),
+                # blocks call attention(x, cos, sin, mask): gather x's sequence, leave the
+                # tables and the document mask alone
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None)),
                 "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
                                                    desired_input_layouts=(Replicate(),)),
             }

@@ -137,7 +137,10 @@ class LlamaArgs:
         per layer forward (as in Chinchilla, Hoffmann et al. 2022, appendix F), times 3 for
         forward + backward. The full seq_len x seq_len score matrix is counted although the causal
         mask makes half of it unnecessary, as PaLM does: MFU from this figure compares with
-        published ones, not with a hardware count.
+        published ones, not with a hardware count. With document masking the attention kernel
+        takes a dense mask and computes every one of those pairs (the causal kernels skip about
+        half): for it this is the hardware count too. (Measured on an H200, torch 2.11, 32 heads,
+        seq_len 8192: the masked kernel's forward + backward took 1.39x the causal one's.)
         """
         dense = 6 * self.num_params(include_embedding=False)
         attention = 12 * self.n_layers * self.dim * seq_len
@@ -191,6 +194,16 @@ class LlamaArgs:
             blocks = self.n_layers * block
         final_norm = norm + w.compute * self.dim
         return blocks + final_norm
+
+    def document_mask_bytes_per_token(self, w: Widths, seq_len: int) -> float:
+        """The block-causal mask, [B, 1, T, T] in the compute dtype, is made once per forward and
+        every layer's attention keeps that one tensor (with activation checkpointing too: it is
+        an input of each block): seq_len x compute bytes per token, on every tensor-parallel rank
+        (heads split, the mask does not). The rotary tables gathered at each token's position in
+        its document, cos and sin [B, T, head_dim / 2] in the parameters' dtype, are kept once
+        too. Measured on CPU (tests) and on an H200 (torch 2.11: with grouped heads and a mask,
+        cuDNN attention kept q, k, v, the output and the mask, no [T, T] weights)."""
+        return seq_len * w.compute + self.head_dim * w.master
 
     def tp_bytes_per_token(self, w: Widths, *, tp: int, checkpointing: bool) -> float:
         """Bytes one rank sends for tensor parallel per token (Megatron-LM's pattern, Shoeybi et
