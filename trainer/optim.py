@@ -14,18 +14,18 @@ from trainer.config import OptimConfig
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only: decaying norm gains pulls them towards zero,
-    which only hurts."""
-    decay, no_decay = [], []
+    which only hurts. DTensors and plain tensors go in separate groups: a foreach kernel takes
+    one kind (tensor parallel without FSDP leaves some weights plain, e.g. an MoE router)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            kind = (param.ndim >= 2, isinstance(param, torch.distributed.tensor.DTensor))
+            groups.setdefault(kind, []).append(param)
     # foreach keeps the update to a handful of kernels; fused is not implemented for DTensor.
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
+        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0}
+         for (decay, _), params in sorted(groups.items(), reverse=True)],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
     )
 
 
