@@ -31,7 +31,6 @@ import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import fsspec
 import torch
@@ -72,15 +71,10 @@ def make_module(megabytes: int) -> torch.nn.Module:
     return module
 
 
-def bound_io(module: torch.nn.Module, options: dict, threads: int) -> CheckpointIO:
-    io = CheckpointIO(options, io_threads=threads)
-    io.strategy = SimpleNamespace(lightning_module=module, optimizers=[])
-    return io
-
-
-def checkpoint_save(io: CheckpointIO, url: str, blocking: bool) -> tuple[float, float, int]:
+def checkpoint_save(io: CheckpointIO, module: torch.nn.Module, url: str,
+                    blocking: bool) -> tuple[float, float, int]:
     start = time.perf_counter()
-    pending = io.save({"global_step": 0}, url, 0, blocking=blocking)
+    pending = io.save(module, [], {"global_step": 0}, url, 0, blocking=blocking)
     result = pending.wait()
     if not result.ok:
         raise RuntimeError(result.error)
@@ -110,16 +104,18 @@ def main() -> None:
     fs = fsspec.filesystem("s3", **options)
     try:
         module = make_module(args.mb)
-        io = bound_io(module, options, args.threads)
+        io = CheckpointIO(options, io_threads=args.threads)
         sync_s, async_total, async_blocked, raw_s = [], [], [], []
         nbytes = 0
         for i in range(args.repeats):
-            seconds, _, nbytes = checkpoint_save(io, f"s3://{BUCKET}/sync-{i}", blocking=True)
+            seconds, _, nbytes = checkpoint_save(io, module, f"s3://{BUCKET}/sync-{i}",
+                                                 blocking=True)
             sync_s.append(seconds)
             fs.rm(f"{BUCKET}/sync-{i}", recursive=True)
             raw_s.append(raw_upload(fs, f"{BUCKET}/raw-{i}", nbytes, args.threads))
             fs.rm(f"{BUCKET}/raw-{i}", recursive=True)
-            total, blocked, _ = checkpoint_save(io, f"s3://{BUCKET}/async-{i}", blocking=False)
+            total, blocked, _ = checkpoint_save(io, module, f"s3://{BUCKET}/async-{i}",
+                                                blocking=False)
             async_total.append(total)
             async_blocked.append(blocked)
             fs.rm(f"{BUCKET}/async-{i}", recursive=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from launch.job import Job, render, to_yaml
 from trainer.config import KEY, ConfigError
+from trainer.xla import COMPILE_PASS_DIR
 
 JOB_LABEL = "ultramesh/job"
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -132,6 +133,11 @@ def _command(job: Job, kind: str, placement: str | None, rendered: str) -> list[
         torchrun = (f"exec torchrun --nnodes={job.nodes} --nproc_per_node={job.ranks_per_node} "
                     f'--node_rank="$NODE_RANK" --master_addr={job.name}-0.{job.name} '
                     f"--master_port={c.rdzv_port}")
+    compile_args = job.compile_pass_args(rendered, f"{POD_RUN_DIR}/{job.name}")
+    if compile_args:  # Neuron's ahead-of-time compile into the cache (trainer.xla); once per pod
+        scratch = f"{POD_RUN_DIR}/{job.name}/{COMPILE_PASS_DIR}"
+        lines += [f"neuron_parallel_compile {torchrun.removeprefix('exec ')} {compile_args}",
+                  f"rm -rf {scratch}"]
     lines.append(f"{torchrun} {args}")
     return ["bash", "-c", "\n".join(lines) + "\n"]
 
@@ -146,7 +152,7 @@ def build(job: Job) -> tuple[str, str]:
         else CLIQUE_KEY
     labels = {JOB_LABEL: job.name}
     top_labels = {**labels, **({KUEUE_LABEL: c.queue} if c.queue else {})}
-    env = [{"name": k, "value": str(v)} for k, v in hw.launch_env.items()]
+    env = [{"name": k, "value": str(v)} for k, v in job.env.items()]
     env.append({"name": "K8S_JOB_NAME", "value": job.name})  # tracking tags the run with it
     if placement == "ultraserver":
         env.append({"name": "NEURON_ULTRASERVER_NODE_CONFIG", "value": str(group)})

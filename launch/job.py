@@ -20,6 +20,7 @@ import yaml
 
 from trainer.config import KEY, ConfigError, RunConfig, compose, validate
 from trainer.plan import ParallelDims, choose
+from trainer.xla import compile_pass_overrides, runtime_env, wants_compile_pass
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # launch.* keys steer the launcher; the trainer only needs the one the launcher sets itself.
@@ -58,6 +59,19 @@ class Job:
         """`-m trainer <overrides>`, quoted for a shell."""
         return " ".join(["-m", "trainer", *map(shlex.quote,
                                                self.trainer_overrides(rendered, run_dir))])
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Exported on every node: the hardware's launch environment, then the XLA path's."""
+        return {**self.run.hardware.launch_env, **runtime_env(self.run)}
+
+    def compile_pass_args(self, rendered: str, run_dir: str | None = None) -> str | None:
+        """`-m trainer <overrides>` of Neuron's ahead-of-time compile pass, which
+        `neuron_parallel_compile` runs before training; None when the run has none."""
+        if not wants_compile_pass(self.run):
+            return None
+        extra = compile_pass_overrides(self.run, str(run_dir or self.run_dir))
+        return " ".join([self.trainer_args(rendered, run_dir), *map(shlex.quote, extra)])
 
 
 def _key(override: str) -> str:

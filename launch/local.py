@@ -21,7 +21,7 @@ def check(job: Job) -> None:
 def build(job: Job) -> tuple[str, str]:
     path = job.run_dir / FILE_NAME
     text = render("local.sh", job=job, python=sys.executable, workdir=str(job.workdir),
-                  env=dict(job.run.hardware.launch_env),
+                  env=job.env,
                   max_restarts=job.run.launch.max_restarts,
                   trainer_args=job.trainer_args(str(path)))
     return FILE_NAME, text

@@ -9,6 +9,7 @@ import time
 
 from launch.job import Job, render, save
 from trainer.config import KEY, ConfigError, time_limit_seconds
+from trainer.xla import COMPILE_PASS_DIR
 
 FILE_NAME = "job.sbatch"
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -39,7 +40,8 @@ def build(job: Job) -> tuple[str, str]:
     text = render("slurm.sbatch", job=job, time_limit=c.time_limit, partition=c.partition,
                   account=c.account, qos=c.qos, log_path=log_path(job),
                   warning_s=c.preempt_warning_s, max_requeues=c.max_requeues,
-                  env=dict(job.run.hardware.launch_env), image=c.image,
+                  env=job.env, image=c.image, compile_args=job.compile_pass_args(str(path)),
+                  compile_dir=f"{job.run_dir}/{COMPILE_PASS_DIR}",
                   python="python" if c.image else sys.executable, workdir=str(job.workdir),
                   rdzv_port=c.rdzv_port, container_flags=container, script_path=str(path),
                   trainer_args=job.trainer_args(str(path)))

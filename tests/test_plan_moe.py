@@ -116,7 +116,7 @@ def test_explicit_expert_parallel_is_checked():
     with pytest.raises(ConfigError) as err:
         choose(load(["parallelism=fsdp", "trainer.devices=4", "parallelism.ep=2"]))
     assert err.value.key == "parallelism.ep" and "has no experts" in str(err.value)
-    with pytest.raises(ConfigError, match="parallelism.ep=0: must be a positive size"):
+    with pytest.raises(ConfigError, match=r"parallelism\.ep=0: must be a positive size"):
         load(["parallelism.ep=0"])
     chosen = choose(load([*TINY, "parallelism=fsdp", "trainer.devices=4", "parallelism.ep=2"]))
     assert (chosen.dims.dp_shard, chosen.dims.ep) == (4, 2)

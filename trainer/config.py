@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -32,8 +32,7 @@ CLUSTER_KINDS = ("local", "slurm", "eks")
 EKS_JOB_KINDS = ("trainjob", "pytorchjob", "job")
 TRACKING_BACKENDS = ("mlflow", "none")
 # With optim.warmup_steps null the warmup is this fraction of trainer.max_steps, so a short run
-# (trainer.max_steps=20) gets a short warmup instead of a refusal; 0.1 keeps the 20 steps the
-# default 200-step run always had.
+# (trainer.max_steps=20) gets a short warmup instead of a refusal.
 WARMUP_FRACTION = 0.1
 EXIT_CONFIG_ERROR = 2
 
@@ -308,6 +307,32 @@ class PlanConfig:
     expert_load: float = 1.25
 
 
+# The XLA path (trainer/xla/): torch-neuronx's PyTorch/XLA for Trn1 and Neuron SDKs up to 2.29,
+# and XLA's CPU device for tests. `auto` takes it where hardware.backend is xla.
+STRATEGIES = ("auto", "xla")
+XLA_PRECISIONS = ("32-true", "bf16-true")  # XLA casts the weights; no autocast on this path
+
+
+@dataclass
+class StrategyConfig:
+    """How the ranks train (`configs/strategy/`; docs/hardware/trainium-xla.md). `auto`: the
+    hardware's own path, a device mesh (cpu, cuda, TorchNeuron), or PyTorch/XLA where
+    hardware.backend is xla (trn1). `xla`: PyTorch/XLA on the hardware's PJRT device (NEURON on
+    Trainium, CPU on cpu). The other keys apply to the XLA path only."""
+
+    name: str = "auto"  # auto | xla
+    # NEURON_CC_FLAGS: neuronx-cc options (AWS's Trn1 training recipes pass this model type)
+    neuron_cc_flags: str = "--model-type=transformer"
+    # NEURON_COMPILE_CACHE_URL: compiled graphs shared by every node and run (path or s3:// URL);
+    # null: the Neuron default, /var/tmp/neuron-compile-cache on each node
+    compile_cache: Optional[str] = None
+    # NEURON_RT_STOCHASTIC_ROUNDING_EN under trainer.precision=bf16-true (bf16 weights)
+    stochastic_rounding: bool = True
+    # the SLURM and EKS launchers run `neuron_parallel_compile` for this many steps before
+    # training, filling the compile cache (0: none; graphs compile as training meets them)
+    parallel_compile_steps: int = 0
+
+
 @dataclass
 class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -321,6 +346,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     seed: int = 1234  # seeds the weights, the data order and every RNG; same seed, same losses
 
     @property
@@ -339,6 +365,12 @@ class RunConfig:
     def uses_family_model(self) -> bool:
         """The model is the family's (the default `_target_`), not a user's own module."""
         return self.model._target_ == ModelConfig._target_
+
+    @property
+    def uses_xla(self) -> bool:
+        """PyTorch/XLA trains this run: strategy=xla, or auto on hardware whose backend is xla."""
+        return self.strategy.name == "xla" or (self.strategy.name == "auto"
+                                               and self.hardware.backend == "xla")
 
 
 class Key(str):
@@ -384,7 +416,42 @@ def compose(overrides: Sequence[str] = (), config_name: str = "train") -> DictCo
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides))
+        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    for key, (group, option) in mandatory_keys(choices).items():
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(key, "???", f"{group}={option} needs it: give {key}=...")
+    return cfg
+
+
+def mandatory_keys(choices: dict[str, str | None]) -> dict[str, tuple[str, str]]:
+    """{key: (group, option)} for each value a chosen option marks `???` (Hydra's mandatory
+    value). OmegaConf keeps a default when `???` is merged over it, so a recipe's `???` would
+    otherwise become the schema's null without a word."""
+    found: dict[str, tuple[str, str]] = {}
+    for group, option in choices.items():
+        path = CONFIG_DIR / group / f"{option}.yaml"
+        if option is None or group.startswith("hydra") or not path.is_file():
+            continue
+        text = path.read_text()
+        prefix = "" if "@package _global_" in text.split("\n", 1)[0] else f"{group}."
+        for key in _missing_leaves(OmegaConf.create(text)):
+            found[prefix + key] = (group, option)
+    return found
+
+
+def _missing_leaves(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node:
+        if key == "defaults":
+            continue
+        if OmegaConf.is_missing(node, key):
+            keys.append(f"{prefix}{key}")
+        elif isinstance(node[key], DictConfig):
+            keys += _missing_leaves(node[key], f"{prefix}{key}.")
+    return keys
 
 
 def load(overrides: Sequence[str] = ()) -> RunConfig:
@@ -434,7 +501,8 @@ def validate(cfg: DictConfig) -> RunConfig:
     _reject_undeclared_keys(cfg, RunConfig)
     run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     for check in (_check_hardware, _check_model, _check_data, _check_parallelism, _check_optim,
-                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan):
+                  _check_trainer, _check_checkpoint, _check_tracking, _check_cluster, _check_plan,
+                  _check_strategy):
         check(run)
     return run
 
@@ -480,6 +548,10 @@ def _check_model(run: RunConfig) -> None:
     asks it (`trainer.models.registry.model_costs`), so this module needs no family."""
     if not run.uses_family_model:
         _check_user_module(run.model._target_)
+        if run.model.init_from:
+            raise ConfigError("model.init_from", run.model.init_from,
+                              f"loads a model family's weights; model._target_="
+                              f"{run.model._target_} is a module of your own, which loads its own")
 
 
 def _check_user_module(target: str) -> None:
@@ -649,3 +721,16 @@ def _check_plan(run: RunConfig) -> None:
     if p.expert_load < 1:
         raise ConfigError("plan.expert_load", p.expert_load,
                           "must be 1 or more (the busiest expert rank's tokens over the mean)")
+
+
+def _check_strategy(run: RunConfig) -> None:
+    s = run.strategy
+    _one_of("strategy.name", s.name, STRATEGIES)
+    if s.parallel_compile_steps < 0:
+        raise ConfigError("strategy.parallel_compile_steps", s.parallel_compile_steps,
+                          "must be 0 (no compile pass) or more")
+    if run.uses_xla and run.trainer.precision not in XLA_PRECISIONS:
+        raise ConfigError("trainer.precision", run.trainer.precision,
+                          f"the XLA path (strategy={s.name}, hardware={run.hardware.name}) "
+                          f"takes {' or '.join(XLA_PRECISIONS)}: bf16 weights with stochastic "
+                          "rounding stand in for mixed precision there")

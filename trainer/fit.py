@@ -40,64 +40,119 @@ class FitResult:
     run_id: str | None
 
 
+@dataclass
+class Checkpointing:
+    """Where a run saves and what it resumes: the IO its strategy saves through, the directory,
+    and the checkpoint to resume from (None: start fresh)."""
+
+    io: checkpoint.CheckpointIO
+    directory: str
+    resume_from: str | None
+
+
 def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: list[str],
         sweep: tracking.SweepInfo | None = None,
         callbacks: Sequence[pl.Callback] = ()) -> FitResult:
     """Train `run`; `callbacks` join the Trainer's own (step monitor, checkpoints, tracking)."""
     dims = check_startable(run)  # again: callers may come in without preflight
+    prepare_process(run)
+    module = build_module(run, dims)
+    data = open_data(run)
+    checkpoints = build_checkpointing(run, dims, run_dir)
+    track = start_tracking(run, dims, run_dir, resolved, overrides, sweep)
+    saver = build_saver(run, checkpoints, track)
+    monitor = StepMonitor(_throughput(run, dims, module), every_n=run.trainer.log_every_n_steps)
+    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
+    trainer = build_trainer(run, dims, checkpoints.io, run_dir, track,
+                            [monitor, saver, preemption, *display_callbacks(run, monitor, track),
+                             *callbacks])
+    train(trainer, module, data, checkpoints.resume_from, track, preemption)
+    result = FitResult(dims, saver.last_saved, dict(monitor.latest),
+                       track.run_id if track else None)
+    if trainer.is_global_zero:
+        _report(result, track)
+    return result
+
+
+def prepare_process(run: RunConfig) -> None:
+    """What this process needs before anything is built: quiet logs, equal thread counts, a
+    restart attempt's own state, and the seed."""
     _quiet_lightning()
     _same_threads_on_every_rank(run)
     isolate_restart_attempts()
     pl.seed_everything(run.seed, workers=True, verbose=False)
-    hardware = HardwareSpec(run.hardware)
-    module = build_module(run, dims)
-    data = TokenDataModule(run.data, seed=run.seed)
-    # Opened before anything else starts: unreadable or truncated shards (or a remote copy that
-    # fails its checksum) stop the run here with one line, before any process group exists.
-    data.setup()
-    # A destination that cannot be written, or a resume URL that is not a committed checkpoint,
-    # stops the run here, before any step or MLflow run exists.
-    checkpoint.check_destination(run.checkpoint, run_dir)
-    ckpt_path = checkpoint.resume_path(run.checkpoint, run_dir)
 
-    if sweep is None and run.launch.sweep_dir:  # a sweep job that a cluster started
-        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
-    track = tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
-                           mesh_shape=dict(zip(dims.dim_names, dims.shape, strict=True)),
-                           rank=_global_rank(run), sweep=sweep,
-                           launch_artifact=_launch_artifact(run))
-    monitor = StepMonitor(_throughput(run, dims, hardware, module),
-                          every_n=run.trainer.log_every_n_steps)
-    checkpoints = checkpoint.CheckpointIO(
-        run.checkpoint.storage_options, io_threads=run.checkpoint.io_threads,
-        mesh=dict(zip(dims.dim_names, dims.shape, strict=True)),
-        config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run))
-    checkpoints.fallback = run.checkpoint.resume == "last"
-    saver = checkpoint.PeriodicCheckpoint(
-        checkpoints, checkpoint.checkpoint_dir(run.checkpoint, run_dir),
-        every_n_steps=run.checkpoint.every_n_steps, keep_last=run.checkpoint.keep_last,
-        keep_every=run.checkpoint.keep_every, async_save=run.checkpoint.async_save,
+
+def open_data(run: RunConfig) -> TokenDataModule:
+    """The training data, opened now: unreadable or truncated shards (or a remote copy that fails
+    its checksum) stop the run with one line before any process group exists."""
+    data = TokenDataModule(run.data, seed=run.seed)
+    data.setup()
+    return data
+
+
+def build_checkpointing(run: RunConfig, dims: ParallelDims, run_dir: Path) -> Checkpointing:
+    """The run's checkpoint IO, after checking the destination can be written and the resume URL
+    is a committed checkpoint (one line, before any step or MLflow run exists)."""
+    cfg = run.checkpoint
+    checkpoint.check_destination(cfg, run_dir)
+    resume_from = checkpoint.resume_path(cfg, run_dir)
+    directory = checkpoint.checkpoint_dir(cfg, run_dir)
+    io = checkpoint.CheckpointIO(
+        cfg.storage_options, io_threads=cfg.io_threads, mesh=dims.sizes,
+        config_hash=checkpoint.config_hash(run), model=checkpoint.model_shape(run),
+        fallback=cfg.resume == "last",
+        retention=checkpoint.Retention(directory, cfg.keep_last, cfg.keep_every))
+    return Checkpointing(io, directory, resume_from)
+
+
+def build_saver(run: RunConfig, checkpoints: Checkpointing,
+                track: tracking.Tracking | None) -> checkpoint.PeriodicCheckpoint:
+    """The saver in the training loop, reporting each commit or failure to MLflow."""
+    return checkpoint.PeriodicCheckpoint(
+        checkpoints.io, checkpoints.directory, every_n_steps=run.checkpoint.every_n_steps,
+        async_save=run.checkpoint.async_save,
         on_saved=track.log_checkpoint if track else None,
         on_failed=track.log_checkpoint_failure if track else None)
-    preemption = Preemption(saver, max_requeues=run.cluster.max_requeues)
-    every: list[pl.Callback] = [monitor, saver, preemption]
-    if run.trainer.progress_bar:
-        every.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
-                                                                  run.trainer.max_steps // 20)))
-    if track:
-        every.append(tracking.RunContinuity(track))
-    every += callbacks
 
-    trainer = pl.Trainer(
+
+def start_tracking(run: RunConfig, dims: ParallelDims, run_dir: Path, resolved: dict[str, Any],
+                   overrides: list[str],
+                   sweep: tracking.SweepInfo | None) -> tracking.Tracking | None:
+    """The MLflow run this attempt logs to (None with tracking=none); a sweep job a cluster
+    started finds its sweep from launch.sweep_dir."""
+    if sweep is None and run.launch.sweep_dir:
+        sweep = tracking.SweepInfo(sweep_dir=run.launch.sweep_dir, job_num=run.launch.job_num)
+    return tracking.setup(run, run_dir=run_dir, resolved_config=resolved, overrides=overrides,
+                          mesh_shape=dims.sizes, rank=_global_rank(run), sweep=sweep,
+                          launch_artifact=_launch_artifact(run))
+
+
+def display_callbacks(run: RunConfig, monitor: StepMonitor,
+                      track: tracking.Tracking | None) -> list[pl.Callback]:
+    """What a person watches: the progress display, and MLflow's view of the run's continuity
+    and checkpoints."""
+    shown: list[pl.Callback] = []
+    if run.trainer.progress_bar:
+        shown.append(ProgressDisplay(monitor, log_every=max(run.trainer.log_every_n_steps,
+                                                            run.trainer.max_steps // 20)))
+    if track:
+        shown.append(tracking.RunContinuity(track))
+    return shown
+
+
+def build_trainer(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointIO, run_dir: Path,
+                  track: tracking.Tracking | None, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
         accelerator=_accelerator(run),
         devices=run.ranks_per_node,
         num_nodes=run.cluster.nodes,
-        strategy=checkpoint.attach(build_strategy(run, dims), checkpoints),
+        strategy=build_strategy(run, dims, io),
         plugins=[precision_plugin(run)],
         max_steps=run.trainer.max_steps,
         accumulate_grad_batches=dims.accumulation,
         logger=tracking.TrackingLogger(track) if track else False,
-        callbacks=every,
+        callbacks=callbacks,
         default_root_dir=run_dir,
         # Our sampler shards by data-parallel rank itself (Lightning's injected one would shard by
         # global rank, wrong under tensor parallel) and its position is part of the checkpoint.
@@ -109,11 +164,17 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )
-    if ckpt_path and trainer.is_global_zero:
-        log.info("resuming from %s", ckpt_path)
+
+
+def train(trainer: pl.Trainer, module: pl.LightningModule, data: TokenDataModule,
+          resume_from: str | None, track: tracking.Tracking | None,
+          preemption: Preemption) -> None:
+    """`Trainer.fit`, with the MLflow run's status decided from how it ended."""
+    if resume_from and trainer.is_global_zero:
+        log.info("resuming from %s", resume_from)
     ended: BaseException | None = None
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     except BaseException as exc:
         ended = exc
         if isinstance(exc, SIGTERMException):
@@ -127,16 +188,10 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
             stopped = trainer.interrupted or preemption.stopped
             track.close(tracking.status_for(ended, interrupted=stopped))
     # Only after a clean finish: a rank that raised may leave others inside a collective, where
-    # tearing the group down would hang them. torch asks every process to do this (NCCL's
-    # pending work is flushed here); gloo's threads outlive it while the meshes hold their
-    # backends, which `trainer.train` deals with at exit.
+    # tearing the group down would hang them. NCCL's pending work is flushed here; gloo's threads
+    # outlive it (`trainer.train` deals with them at exit).
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    result = FitResult(dims, saver.last_saved, dict(monitor.latest),
-                       track.run_id if track else None)
-    if trainer.is_global_zero:
-        _report(result, track)
-    return result
 
 
 def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
@@ -145,19 +200,26 @@ def _launch_artifact(run: RunConfig) -> tuple[str, str] | None:
     return (path.name, path.read_text()) if path and path.is_file() else None
 
 
-def build_strategy(run: RunConfig, dims: ParallelDims) -> Any:
+def build_strategy(run: RunConfig, dims: ParallelDims, io: checkpoint.CheckpointIO) -> Any:
     hardware = run.hardware
+    if run.uses_xla:
+        from trainer.xla.strategy import build_strategy as xla_strategy
+
+        return xla_strategy(run, dims, io)
     if dims.world_size == 1:
-        return checkpoint.single_process(hardware.device_type)
+        return checkpoint.SingleProcess(io, hardware.device_type)
     if dims.replicas_only:
-        return checkpoint.data_parallel(hardware.backend)
+        return checkpoint.DataParallel(io, hardware.backend)
     from trainer.mesh import MeshStrategy
 
-    return MeshStrategy(dims, HardwareSpec(hardware),
-                        storage_options=run.checkpoint.storage_options)
+    return MeshStrategy(dims, HardwareSpec(hardware), io)
 
 
 def _accelerator(run: RunConfig) -> Any:
+    if run.uses_xla:
+        from trainer.xla.strategy import XlaAccelerator
+
+        return XlaAccelerator()
     if run.hardware.device_type == "neuron":
         from trainer.mesh import neuron_accelerator
 
@@ -165,8 +227,8 @@ def _accelerator(run: RunConfig) -> Any:
     return run.hardware.device_type
 
 
-def _throughput(run: RunConfig, dims: ParallelDims, hardware: HardwareSpec,
-                module: pl.LightningModule) -> Throughput:
+def _throughput(run: RunConfig, dims: ParallelDims, module: pl.LightningModule) -> Throughput:
+    hardware = HardwareSpec(run.hardware)
     flops = getattr(module, "flops_per_token", None)
     return Throughput(
         tokens_per_step=dims.tokens_per_step,

@@ -25,6 +25,8 @@ from pytorch_lightning.accelerators import Accelerator
 from pytorch_lightning.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from trainer.checkpoint.io import CheckpointIO
+from trainer.checkpoint.strategies import SavesThroughDcp
 from trainer.hardware import HardwareSpec
 from trainer.plan import ParallelDims
 
@@ -37,22 +39,21 @@ NEURON_INSTALL_HINT = (
     "(on a Trn2/Trn3 instance with the Neuron driver and runtime; see docs/hardware.md)")
 
 
-class MeshStrategy(ModelParallelStrategy):
+class MeshStrategy(SavesThroughDcp, ModelParallelStrategy):
     """Lightning's model-parallel strategy over the N-D mesh of a `ParallelDims`.
 
     Checkpoints are torch.distributed.checkpoint directories, one shard per rank, loadable into
-    another mesh, written and read by `trainer.checkpoint.CheckpointIO` (fsspec URLs, with
-    `storage_options` for the endpoint and credentials), as for every other strategy.
+    another mesh, written and read by the `CheckpointIO` it is built with, as for every other
+    strategy (`SavesThroughDcp`).
     """
 
-    def __init__(self, dims: ParallelDims, hardware: HardwareSpec,
-                 timeout: timedelta | None = default_pg_timeout,
-                 storage_options: dict[str, Any] | None = None):
+    def __init__(self, dims: ParallelDims, hardware: HardwareSpec, checkpoints: CheckpointIO,
+                 timeout: timedelta | None = default_pg_timeout):
         super().__init__(process_group_backend=process_group_backend(hardware),
                          save_distributed_checkpoint=True, timeout=timeout)
         self.dims = dims
         self.hardware = hardware
-        self.storage_options = dict(storage_options or {})
+        self.checkpoints = checkpoints
 
     def setup_environment(self) -> None:
         if self.hardware.device_type == "neuron":
@@ -73,21 +74,6 @@ class MeshStrategy(ModelParallelStrategy):
         """Batches are split by data-parallel rank only: tensor-parallel peers share a batch."""
         num_replicas, rank = data_parallel_rank(self.device_mesh)
         return {"num_replicas": num_replicas, "rank": rank}
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any,
-                        storage_options: Any | None = None) -> None:
-        """Every rank writes its shards through the one DCP-over-fsspec path (trainer.checkpoint)
-        that every strategy uses, for local paths and URLs alike."""
-        from trainer.checkpoint import checkpoint_io_of
-
-        checkpoint_io_of(self, self.storage_options).save_checkpoint(checkpoint, filepath)
-
-    def load_checkpoint(self, checkpoint_path: Any,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        """Each rank reads the pieces its own shards need, whatever mesh wrote them."""
-        from trainer.checkpoint import checkpoint_io_of
-
-        return checkpoint_io_of(self, self.storage_options).load_checkpoint(checkpoint_path)
 
 
 def process_group_backend(hardware: HardwareSpec) -> str:

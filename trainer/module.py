@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,8 @@ from trainer.models.parallel import compile_backend
 from trainer.models.registry import family_of, shape_of
 from trainer.optim import build_optimizer, build_scheduler, clip_grad_norm
 from trainer.plan import ParallelDims
+
+log = logging.getLogger(__name__)
 
 
 class LanguageModel(pl.LightningModule):
@@ -28,6 +31,7 @@ class LanguageModel(pl.LightningModule):
         self.family = family_of(run.model)
         self.args = shape_of(run.model)
         self.model: torch.nn.Module | None = None
+        self.pretrained: dict[str, float] | None = None  # what loading `model.init_from` took
         # Read by the step monitor: kept on the device so logging never forces a sync per step.
         self.last_grad_norm: torch.Tensor | None = None
 
@@ -52,12 +56,38 @@ class LanguageModel(pl.LightningModule):
                                 self.run.parallelism, backend=compile_backend(device.type))
         model.to_empty(device=device)
         self.family.init_weights(model, self.run.seed, device)
-        if self.run.model.init_from:
-            from trainer.models.hf import load_pretrained
-
-            load_pretrained(model, self.family, self.args, self.run.model.init_from,
-                            self.run.model.storage_options)
+        if self.run.model.init_from and device.type != "meta":  # meta: a validation's build
+            self.pretrained = self._load_pretrained(model)
         self.model = model
+
+    def _load_pretrained(self, model: torch.nn.Module) -> dict[str, float]:
+        """Fill this rank's shards from `model.init_from`; what it read and the memory it took
+        beyond the shards, logged by rank 0 and kept for whoever asks."""
+        import time
+
+        from trainer.models.hf import load_pretrained
+        from trainer.monitor import PeakMemory
+
+        start = time.perf_counter()
+        with PeakMemory() as peak:
+            report = load_pretrained(model, self.family, self.args, self.run.model.init_from,
+                                     self.run.model.storage_options)
+        figures = {"tensors": report.tensors, "read_bytes": report.bytes_read,
+                   "shard_bytes": report.local_bytes, "seconds": time.perf_counter() - start,
+                   "peak_beyond_bytes": peak.beyond if peak.beyond is not None else -1}
+        ranks = [figures]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [{}] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(ranks, figures)
+        if self.global_rank == 0:
+            worst = max(ranks, key=lambda r: r["peak_beyond_bytes"] + r["shard_bytes"])
+            memory = (f"peak memory +{worst['peak_beyond_bytes'] / 2**20:.1f} MiB while loading"
+                      if worst["peak_beyond_bytes"] >= 0 else "peak memory not measured here")
+            log.info("loaded %d tensors from %s in %.1f s; the rank holding most read %.1f MiB "
+                     "for %.1f MiB of shards, %s", report.tensors, self.run.model.init_from,
+                     max(r["seconds"] for r in ranks), worst["read_bytes"] / 2**20,
+                     worst["shard_bytes"] / 2**20, memory)
+        return figures
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)

@@ -118,6 +118,36 @@ def _host_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+class PeakMemory:
+    """The most resident memory a block of code added to the process: Linux's peak-RSS mark
+    (VmHWM) is reset to the current RSS on entry (/proc/self/clear_refs, "5") and read on exit.
+    `beyond` is None where /proc offers neither."""
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.beyond: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start = _host_rss_bytes()
+        except OSError:
+            self.start = -1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.start < 0:
+            return
+        try:
+            with open("/proc/self/status") as f:
+                peak = next(int(line.split()[1]) * 1024 for line in f
+                            if line.startswith("VmHWM:"))
+        except (OSError, StopIteration):
+            return
+        self.beyond = max(0, peak - self.start)
+
+
 class ProgressDisplay(pl.Callback):
     """A Rich progress bar over optimizer steps (loss, tokens/s, MFU) on a terminal; on anything
     else (a SLURM log, CI) a plain log line every `log_every` steps."""

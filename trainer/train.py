@@ -58,9 +58,9 @@ def _exit_before_gloo_teardown(code: int | str | None) -> None:
     alive until the interpreter tears down; a thread still joinable then aborts the process
     (SIGABRT, "terminate called without an active exception"; pytorch/pytorch#190489, #179291)
     after the run succeeded, and a scheduler counts it failed (or a preempted job's 143 becomes
-    134). Seen twice in CI, about once in a few hundred runs. Every result is written and the
-    MLflow run closed by now, so the teardown is skipped: logs and streams are flushed and the
-    process exits with `code`. (Linux only: the threads are read from /proc.)"""
+    134). Every result is written and the MLflow run closed by now, so the teardown is skipped:
+    logs and streams are flushed and the process exits with `code`. (Linux only: the threads are
+    read from /proc.)"""
     try:
         names = {(task / "comm").read_text().strip()
                  for task in Path("/proc/self/task").iterdir()}

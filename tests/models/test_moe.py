@@ -228,7 +228,7 @@ def test_the_model_overfits_one_batch():
     assert losses[-1] < 0.3 * losses[0]
 
 
-# --- layout (fake process group) -------------------------------------------------------------------
+# --- layout (fake process group) ---------------------------------------------------------------
 
 
 def parallelized(shape: tuple[int, int, int, int], ep: int, args: MoEArgs = TINY) -> Transformer:
@@ -286,7 +286,7 @@ def test_compile_and_sequence_parallel_are_refused_for_the_moe_family():
                                 mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"))
         with torch.device("meta"):
             model = Transformer(TINY)
-        with pytest.raises(ValueError, match="parallelism.sequence_parallel=true"):
+        with pytest.raises(ValueError, match=r"parallelism\.sequence_parallel=true"):
             parallelize(model, mesh, ParallelDims((1, 1, 1, 2)),
                         ParallelismConfig(sequence_parallel=True))
 

@@ -2,8 +2,9 @@
 async saves committed by a manifest with checksums, retention, resume on any mesh, export.
 
 Public: `CheckpointIO`, `PeriodicCheckpoint` (its `save(trainer)` returns once committed),
-`checkpoint_dir`, `resume_path`, `check_destination`, `config_hash`, `attach`, and the command
-line `python -m trainer.checkpoint list|export`.
+`Retention`, the strategies that save through them (`SingleProcess`, `DataParallel`; the mesh's is
+`trainer.mesh.MeshStrategy`), `checkpoint_dir`, `resume_path`, `check_destination`,
+`config_hash`, `model_shape`, and the command line `python -m trainer.checkpoint list|export`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,19 @@ from trainer.checkpoint.manifest import (
     scan,
     step_name,
 )
+from trainer.checkpoint.retention import Retention
 from trainer.checkpoint.storage import one_line, probe
-from trainer.checkpoint.strategies import attach, checkpoint_io_of, data_parallel, single_process
+from trainer.checkpoint.strategies import DataParallel, SavesThroughDcp, SingleProcess
 from trainer.config import CheckpointConfig, ConfigError, RunConfig
+from trainer.models.registry import family_of
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MANIFEST", "CheckpointFailed", "CheckpointIO", "Manifest", "PeriodicCheckpoint",
-    "SaveResult", "attach", "check_destination", "checkpoint_dir", "checkpoint_io_of",
-    "config_hash", "data_parallel", "latest_checkpoint", "read_manifest", "resume_path", "scan",
-    "single_process", "step_name", "trainer_state",
+    "MANIFEST", "CheckpointFailed", "CheckpointIO", "DataParallel", "Manifest",
+    "PeriodicCheckpoint", "Retention", "SaveResult", "SavesThroughDcp", "SingleProcess",
+    "check_destination", "checkpoint_dir", "config_hash", "latest_checkpoint", "model_shape",
+    "read_manifest", "resume_path", "scan", "step_name", "trainer_state",
 ]
 
 
@@ -96,16 +99,18 @@ def config_hash(run: RunConfig) -> str:
     data = dataclasses.asdict(run.data)
     for per_rank in ("storage_options", "micro_batch_size", "num_workers"):  # change with a mesh
         data.pop(per_rank, None)
-    what: dict[str, Any] = {"model": dataclasses.asdict(run.model),
+    model = dataclasses.asdict(run.model)
+    model.pop("storage_options", None)  # where weights come from, not what they are
+    what: dict[str, Any] = {"model": model,
                             "optim": dataclasses.asdict(run.optim), "data": data,
                             "seed": run.seed}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def model_shape(run: RunConfig) -> dict[str, Any] | None:
-    """The reference decoder's shape, kept in each manifest so `export` needs no config."""
+    """The model's family and shape keys, kept in each manifest so `export` needs no config
+    (None for a user's own module)."""
     if not run.uses_family_model:
         return None
-    shape = dataclasses.asdict(run.model)
-    shape.pop("kwargs", None)
-    return shape
+    fam = family_of(run.model)
+    return {"family": fam.name, **{key: getattr(run.model, key) for key in fam.shape_keys()}}

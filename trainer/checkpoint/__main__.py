@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
 import trainer.checkpoint.manifest as mf
@@ -25,11 +24,31 @@ def _parser() -> argparse.ArgumentParser:
                              "checksums")
     listing.add_argument("--no-verify", action="store_true", help="skip reading every file")
     export = sub.add_parser("export", parents=[common],
-                            help="consolidated Hugging Face Llama safetensors + config.json")
+                            help="Hugging Face safetensors (sharded, with an index) + config.json")
     export.add_argument("--step", type=int, help="the step to export (default: the newest "
                         "committed one)")
-    export.add_argument("--to", type=Path, required=True, help="output directory")
+    export.add_argument("--to", required=True, help="output directory: path or fsspec URL")
+    export.add_argument("--max-shard-size", type=byte_size, default="5GB", metavar="SIZE",
+                        help="largest safetensors file, e.g. 5GB (the default, as transformers), "
+                        "500MB")
+    export.add_argument("--dtype", choices=("bfloat16", "float32", "float16"),
+                        help="the exported weights' dtype (default: as the checkpoint stores "
+                        "them)")
     return parser
+
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """"5GB", "500MB", "64MiB" or a plain number of bytes."""
+    number = text.rstrip("BbIiKkMmGg")
+    unit = text[len(number):].upper() or "B"
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 5GB, 500MB or 64MiB") from None
 
 
 def storage_options(pairs: list[str]) -> dict[str, Any]:
@@ -82,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.checkpoint.export import ExportError, export
 
         try:
-            exported = export(args.url, args.step, args.to, options)
+            exported = export(args.url, args.step, args.to, options,
+                              max_shard_bytes=args.max_shard_size, dtype=args.dtype)
         except ExportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -1,6 +1,6 @@
 """`PeriodicCheckpoint`: saves every N optimizer steps from inside the training loop, reports each
-save once it is committed (or failed), applies retention, and restores the RNG states of the
-checkpoint a run resumed from.
+save once it is committed (or failed), and restores the RNG states of the checkpoint a run
+resumed from (which `CheckpointIO.load` hands over in the loaded checkpoint).
 
 Saving happens inside the loop, not after `fit` returns: a checkpoint taken after the loop ends
 records the epoch as finished, and a resumed sampler would then start the next epoch's order.
@@ -17,8 +17,13 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.trainer import call
 
-import trainer.checkpoint.retention as retention
-from trainer.checkpoint.io import CheckpointIO, SaveResult, restore_rng
+from trainer.checkpoint.io import (
+    RESUMED_FROM_KEY,
+    RNG_KEY,
+    CheckpointIO,
+    SaveResult,
+    restore_rng,
+)
 from trainer.checkpoint.manifest import step_name
 from trainer.checkpoint.storage import join
 
@@ -34,30 +39,34 @@ class CheckpointFailed(RuntimeError):
 
 class PeriodicCheckpoint(pl.Callback):
     def __init__(self, io: CheckpointIO, directory: str, *, every_n_steps: int,
-                 keep_last: int, keep_every: int = 0, async_save: bool = True,
-                 on_saved: OnSaved | None = None, on_failed: OnFailed | None = None):
+                 async_save: bool = True, on_saved: OnSaved | None = None,
+                 on_failed: OnFailed | None = None):
         self.io = io
         self.directory = directory
         self.every_n_steps = every_n_steps
-        self.keep_last = keep_last
-        self.keep_every = keep_every
         self.async_save = async_save
         self.on_saved = on_saved
         self.on_failed = on_failed
         self.last_saved: str | None = None  # the newest committed checkpoint of this run
+        self.resumed_from: str | None = None  # the checkpoint this run started from
         self.failures = 0
         self._step = -1
         self._is_zero = True
-        io.after_commit = self._retain
+        self._rng: dict[str, Any] | None = None
 
     # -------------------------------------------------------------------------------------------
     # Lightning hooks
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._rng = checkpoint.get(RNG_KEY)
+        self.resumed_from = checkpoint.get(RESUMED_FROM_KEY)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._is_zero = trainer.is_global_zero
-        if self.io.loaded_rng is not None:
-            restore_rng(self.io.loaded_rng)
-            self.io.loaded_rng = None
+        if self._rng is not None:  # now, not at load: the loader's iterator drew from it since
+            restore_rng(self._rng)
+            self._rng = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx):
         self._report_finished()
@@ -79,7 +88,7 @@ class PeriodicCheckpoint(pl.Callback):
             raise CheckpointFailed(
                 f"the run's last checkpoint (step {result.step}, {result.url}) was not "
                 f"committed: {result.error}; newest committed: "
-                f"{self.last_saved or self.io.resumed_from or 'none'} (checkpoint.resume=last "
+                f"{self.last_saved or self.resumed_from or 'none'} (checkpoint.resume=last "
                 f"redoes the steps after it)")
 
     # -------------------------------------------------------------------------------------------
@@ -98,7 +107,8 @@ class PeriodicCheckpoint(pl.Callback):
     def _start(self, trainer: pl.Trainer, *, blocking: bool) -> SaveResult:
         self._report(self.io.wait())
         url = join(self.directory, step_name(trainer.global_step))
-        pending = self.io.save(trainer_state(trainer), url, trainer.global_step,
+        pending = self.io.save(trainer.lightning_module, trainer.optimizers,
+                               trainer_state(trainer), url, trainer.global_step,
                                blocking=blocking)
         if blocking:
             result = pending.wait()
@@ -126,15 +136,10 @@ class PeriodicCheckpoint(pl.Callback):
         self.failures += 1
         if self._is_zero:
             log.error("checkpoint step %d FAILED, training goes on; newest committed: %s. "
-                      "Reason: %s", result.step, self.last_saved or self.io.resumed_from
+                      "Reason: %s", result.step, self.last_saved or self.resumed_from
                       or "none", result.error)
             if self.on_failed is not None:
                 self.on_failed(result.step, result.url, result.error or "unknown")
-
-    def _retain(self, result: SaveResult) -> None:
-        protected = {u for u in (self.io.resumed_from, result.url) if u}
-        retention.prune(self.directory, self.io.storage_options, keep_last=self.keep_last,
-                        keep_every=self.keep_every, protected=protected)
 
 
 def trainer_state(trainer: pl.Trainer) -> dict[str, Any]:

@@ -1,122 +1,111 @@
-"""Export a committed checkpoint as a Hugging Face Llama: consolidated safetensors + config.json,
-the hand-off to serving stacks (vLLM, TGI, Neuron's serving).
+"""Export a committed checkpoint in Hugging Face's layout: sharded safetensors with
+`model.safetensors.index.json` (one `model.safetensors` when it fits in one shard) and
+`config.json`, the hand-off to transformers and serving stacks (vLLM, TGI, Neuron's serving).
 
-The reference decoder applies rotary embeddings to adjacent pairs of each head's dimensions; Hugging
-Face's Llama rotates the first half against the second. The same rotation in HF's layout needs wq
-and wk permuted per head (as HF's own Llama conversion script does):
-`w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(heads * head_dim, dim)`.
+Streamed: tensor by tensor from the DCP checkpoint into each output file, whose header is written
+first from the checkpoint's metadata. The process holds about three copies of the largest tensor
+(DCP's read buffer, the consolidated tensor, its permuted copy) whatever the model's size; a 405B
+checkpoint exports on an ordinary host. The model's family (in the manifest) names the tensors.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import math
+import posixpath
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 import trainer.checkpoint.manifest as mf
 from trainer.checkpoint.io import MODEL_KEY, SafeLoadPlanner
-from trainer.checkpoint.storage import join
+from trainer.checkpoint.storage import filesystem, is_local, join
+from trainer.models.hf import CONFIG, INDEX, SINGLE, SafetensorsWriter, WeightMap
+from trainer.models.registry import family
 
-PREFIX = "model."  # the LightningModule holds the decoder as `self.model`
-LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+PREFIX = "model."  # the LightningModule holds the family's model as `self.model`
+# transformers' save_pretrained default (max_shard_size="5GB"), as bytes.
+MAX_SHARD_BYTES = 5 * 10**9
 
 
 class ExportError(ValueError):
     pass
 
 
-def load_model_state(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's model weights, consolidated into whole tensors in this one process."""
-    reader = FsspecReader(url, **(storage_options or {}))
-    metadata = reader.read_metadata()
-    prefix = f"{MODEL_KEY}."
-    state = {key[len(prefix):]: torch.empty(md.size, dtype=md.properties.dtype)
-             for key, md in metadata.state_dict_metadata.items()
-             if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)}
-    wrapped = {MODEL_KEY: state}
-    dcp.load(wrapped, storage_reader=FsspecReader(url, **(storage_options or {})),
-             planner=SafeLoadPlanner(), no_dist=True)
-    return wrapped[MODEL_KEY]
+class _Reader(FsspecReader):
+    """DCP's fsspec reader, reading the checkpoint's metadata once for every tensor loaded."""
+
+    _metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
 
 
-def permute_rotary(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Adjacent-pair rotary rows -> Hugging Face's half-split rows, per head."""
-    rows, dim = w.shape
-    head_dim = rows // heads
-    return w.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+def export(directory: str, step: int | None, out: str, storage_options: dict | None = None, *,
+           max_shard_bytes: int = MAX_SHARD_BYTES, dtype: str | None = None) -> str:
+    """Write checkpoint `step` under `directory` (None: the newest committed one) to `out` (a
+    path or fsspec URL) in Hugging Face's layout, in `dtype` (None: as stored); the URL of the
+    checkpoint exported."""
+    url = _committed(directory, step, storage_options)
+    manifest = mf.read_manifest(url, storage_options)
+    if manifest is None or manifest.model is None:
+        raise ExportError(f"{url} holds a user's model; export knows the model families only")
+    shape_keys = dict(manifest.model)
+    fam = family(shape_keys.pop("family", "llama"))
+    shape = fam.shape(**{k: shape_keys[k] for k in fam.shape_keys()})
+    adapter = fam.hf()
+    reader = _Reader(url, **(storage_options or {}))
+    stored = {key: md for key, md in reader.read_metadata().state_dict_metadata.items()
+              if isinstance(md, TensorStorageMetadata)}
+    maps = adapter.weights(shape)
+    missing = [m.ours for m in maps if _key(m) not in stored]
+    if missing:
+        raise ExportError(f"{url} lacks {len(missing)} tensor(s) of the {fam.name} model "
+                          f"(first: {missing[0]})")
+    out_dtype = dtype or str(stored[_key(maps[0])].properties.dtype).removeprefix("torch.")
+    config = adapter.config(shape, out_dtype)  # refuses what the layout cannot express: first
+    shards = _shards(maps, stored, out_dtype, max_shard_bytes)
+    fs, root = filesystem(out, storage_options if not is_local(out) else None)
+    if is_local(out):
+        fs.makedirs(root, exist_ok=True)
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    stack: tuple[str, torch.Tensor] | None = None  # the expert stack being written, loaded once
+    for name, shard in zip(names, shards, strict=True):
+        plan = [(m.hf, out_dtype, _hf_size(m, stored)) for m in shard]
+        with fs.open(posixpath.join(root, name), "wb") as f:
+            writer = SafetensorsWriter(f, plan)
+            for m in shard:
+                if m.stacked is None:
+                    tensor = _load_one(reader, _key(m), stored[_key(m)])
+                else:  # one matrix of a stack (an MoE layer's experts)
+                    if stack is None or stack[0] != _key(m):
+                        stack = None  # the previous stack goes before the next one loads
+                        stack = (_key(m), _load_one(reader, _key(m), stored[_key(m)]))
+                    tensor = stack[1][m.stacked]
+                if m.order is not None:
+                    tensor = tensor[m.order()]
+                writer.write(m.hf, tensor.to(getattr(torch, out_dtype)))
+                total += tensor.numel() * torch.empty((), dtype=getattr(torch, out_dtype)
+                                                      ).element_size()
+                del tensor
+            writer.close()
+        weight_map.update(dict.fromkeys((m.hf for m in shard), name))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        fs.pipe_file(posixpath.join(root, INDEX), json.dumps(index, indent=2).encode())
+    fs.pipe_file(posixpath.join(root, CONFIG), json.dumps(config, indent=2).encode())
+    return url
 
 
-def to_hf(state: dict[str, torch.Tensor], shape: dict[str, Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        if name == "tok_embeddings.weight":
-            out["model.embed_tokens.weight"] = tensor
-        elif name == "norm.weight":
-            out["model.norm.weight"] = tensor
-        elif name == "output.weight":
-            if not shape.get("tie_embeddings"):
-                out["lm_head.weight"] = tensor
-        elif name.startswith("layers."):
-            _, index, rest = name.split(".", 2)
-            if rest not in LAYER_NAMES:
-                raise ExportError(f"unexpected weight {key}: not the reference decoder")
-            if rest == "attention.wq.weight":
-                tensor = permute_rotary(tensor, shape["n_heads"])
-            elif rest == "attention.wk.weight":
-                tensor = permute_rotary(tensor, shape["n_kv_heads"])
-            out[f"model.layers.{index}.{LAYER_NAMES[rest]}"] = tensor
-        else:
-            raise ExportError(f"unexpected weight {key}: not the reference decoder")
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def hf_config(shape: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": shape["dim"],
-        "intermediate_size": shape["ffn_dim"],
-        "num_hidden_layers": shape["n_layers"],
-        "num_attention_heads": shape["n_heads"],
-        "num_key_value_heads": shape["n_kv_heads"],
-        "head_dim": shape["dim"] // shape["n_heads"],
-        "vocab_size": shape["vocab_size"],
-        "max_position_embeddings": shape["max_seq_len"],
-        "rms_norm_eps": shape["norm_eps"],
-        "rope_theta": shape["rope_theta"],  # read by serving stacks of the transformers 4 era
-        "rope_parameters": {"rope_type": "default", "rope_theta": shape["rope_theta"]},
-        "tie_word_embeddings": bool(shape.get("tie_embeddings")),
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "bos_token_id": None,
-        "eos_token_id": None,
-    }
-
-
-def export(directory: str, step: int | None, out_dir: Path,
-           storage_options: dict | None = None) -> str:
-    """Write `model.safetensors` and `config.json` for checkpoint `step` under `directory` (None:
-    the newest committed one) to `out_dir`; the URL of the checkpoint exported."""
-    from safetensors.torch import save_file
-
+def _committed(directory: str, step: int | None, storage_options: dict | None) -> str:
+    """The URL of committed checkpoint `step` (None: the newest), its checksums verified."""
     if step is None:
         newest = mf.newest_committed(directory, storage_options)
         if newest is None:
@@ -129,11 +118,39 @@ def export(directory: str, step: int | None, out_dir: Path,
     problems = mf.verify(url, manifest, storage_options)
     if problems:
         raise ExportError(f"{url} is damaged: {'; '.join(problems)}")
-    if manifest.model is None:
-        raise ExportError(f"{url} holds a user's model; export knows the reference decoder only")
-    tensors = to_hf(load_model_state(url, storage_options), manifest.model)
-    dtype = next(iter(tensors.values())).dtype
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(manifest.model, dtype), indent=2))
     return url
+
+
+def _key(mapping: WeightMap) -> str:
+    return f"{MODEL_KEY}.{PREFIX}{mapping.ours}"
+
+
+def _hf_size(m: WeightMap, stored: dict[str, TensorStorageMetadata]) -> tuple[int, ...]:
+    """The shape of `m`'s Hugging Face tensor: ours, or one matrix of our stack."""
+    size = tuple(stored[_key(m)].size)
+    return size[1:] if m.stacked is not None else size
+
+
+def _shards(maps: list[WeightMap], stored: dict[str, TensorStorageMetadata], dtype: str,
+            limit: int) -> list[list[WeightMap]]:
+    """The tensors in order, cut into files of at most `limit` bytes (a larger tensor alone)."""
+    width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    shards: list[list[WeightMap]] = [[]]
+    size = 0
+    for m in maps:
+        nbytes = math.prod(_hf_size(m, stored)) * width
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(m)
+        size += nbytes
+    return shards
+
+
+def _load_one(reader: _Reader, key: str, md: TensorStorageMetadata) -> torch.Tensor:
+    """One whole tensor of the checkpoint, however many ranks' shards it was saved in."""
+    tensor = torch.empty(md.size, dtype=md.properties.dtype)
+    prefix, _, name = key.partition(".")
+    state = {prefix: {name: tensor}}
+    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(), no_dist=True)
+    return state[prefix][name]

@@ -1,6 +1,10 @@
 """`CheckpointIO`: every strategy's checkpoints, saved and loaded through
 torch.distributed.checkpoint (DCP) over fsspec with one set of `storage_options`.
 
+Strategies (`trainer.checkpoint.strategies`, `trainer.mesh.MeshStrategy`) are built with one and
+hand it the module and optimizers to save or load; the periodic saver hands it the trainer's
+state. Retention runs here, on rank 0 right after each commit.
+
 A checkpoint is a directory `step-NNNNNNNN.ckpt` holding
 - DCP's files: `state_dict` (the model) and `optimizer_<i>`, keyed by parameter name (FQN), each
   rank writing its own shards; the same layout whether one process, DDP or an N-D mesh wrote it,
@@ -27,7 +31,6 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +39,6 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO as LightningCheckpointIO
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import ReadItem
@@ -50,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 import trainer.checkpoint.manifest as mf
+from trainer.checkpoint.retention import Retention
 from trainer.checkpoint.storage import HashingWriter, filesystem, join, one_line
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,9 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 META_FILE = "meta.pt"  # the name Lightning's own sharded checkpoints use
 MODEL_KEY = "state_dict"
 TENSOR_KEYS = ("state_dict", "optimizer_states")
+# Keys `load` adds to the trainer state it returns, for callbacks' on_load_checkpoint.
+RNG_KEY = "ultramesh/rng"  # this rank's RNG states, when the checkpoint's world size is this one's
+RESUMED_FROM_KEY = "ultramesh/resumed_from"  # the URL loaded
 
 
 def rng_file(rank: int) -> str:
@@ -107,45 +113,32 @@ class PendingSave:
         return self.result
 
 
-class CheckpointIO(LightningCheckpointIO):
-    """DCP over fsspec for every strategy. `strategy` is bound by `attach()`: the model and
-    optimizers are read from it, and DCP reshards them into whatever mesh it has."""
+class CheckpointIO:
+    """DCP over fsspec for every strategy: saves a module and its optimizers (DCP reshards them
+    into whatever mesh loads them) with the trainer's other state.
+
+    storage_options: fsspec options for every URL (endpoint, credentials).
+    mesh, config_hash, model: recorded in each manifest (the model's family and shape let
+        `export` work without the config).
+    fallback: resume=last; a damaged newest checkpoint falls back to the one before.
+    retention: what to keep after each commit (None: everything).
+    """
 
     def __init__(self, storage_options: dict[str, Any] | None = None, *, io_threads: int = 4,
                  mesh: dict[str, int] | None = None, config_hash: str = "",
-                 model: dict[str, Any] | None = None):
+                 model: dict[str, Any] | None = None, fallback: bool = False,
+                 retention: Retention | None = None):
         self.storage_options = dict(storage_options or {})
         self.io_threads = io_threads
         self.mesh = dict(mesh or {})
         self.config_hash = config_hash
         self.model = model
-        self.strategy: Any = None
-        self.fallback = False  # resume=last: a damaged newest checkpoint falls back to older
-        self.resumed_from: str | None = None
-        self.loaded_rng: dict[str, Any] | None = None
-        self.after_commit: Callable[[SaveResult], None] | None = None  # retention, on rank 0
+        self.fallback = fallback
+        self.retention = retention
+        self._resumed_from: str | None = None  # retention never removes it
         self._group: Any = None
         self._inflight: PendingSave | None = None
         self._staged: Any = None  # the last async save's host copy, reused by the next
-
-    # -------------------------------------------------------------------------------------------
-    # Lightning's CheckpointIO interface (trainer.save_checkpoint, fit(ckpt_path=...))
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
-                        storage_options: Any | None = None) -> None:
-        rest = {k: v for k, v in checkpoint.items() if k not in TENSOR_KEYS}
-        result = self.save(rest, str(path), int(checkpoint.get("global_step", 0)),
-                           blocking=True).wait()
-        if not result.ok:
-            raise RuntimeError(f"checkpoint {path} was not saved: {result.error}")
-
-    def load_checkpoint(self, path: Any, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
-        return self.load(str(path))
-
-    def remove_checkpoint(self, path: Any) -> None:
-        fs, root = filesystem(str(path), self.storage_options)
-        fs.rm(root, recursive=True)
 
     # -------------------------------------------------------------------------------------------
     # Saving
@@ -166,18 +159,18 @@ class CheckpointIO(LightningCheckpointIO):
         pending, self._inflight = self._inflight, None
         return pending.wait() if pending is not None else None
 
-    def save(self, trainer_state: dict[str, Any], url: str, step: int, *,
-             blocking: bool) -> PendingSave:
-        """Save the bound strategy's model and optimizers, `trainer_state` (rank 0's is kept)
-        and this rank's RNG to `url`; every rank calls this. With blocking=False the state is
-        copied to host memory and written from a thread. Call `wait()` first if a save may be in
-        flight; this does."""
+    def save(self, module: torch.nn.Module, optimizers: list[Any], trainer_state: dict[str, Any],
+             url: str, step: int, *, blocking: bool) -> PendingSave:
+        """Save `module` and `optimizers` (Lightning's wrappers or plain ones), `trainer_state`
+        (rank 0's is kept) and this rank's RNG to `url`; every rank calls this. With
+        blocking=False the state is copied to host memory and written from a thread. Any save in
+        flight is waited for first."""
         start = time.perf_counter()
         previous = self.wait()
         if previous is not None:
             log.debug("checkpoint step %d waited for step %d", step, previous.step)
         group = self.group()
-        module, optimizers = self._targets()
+        optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
         tensors: dict[str, Any] = {MODEL_KEY: get_model_state_dict(module)}
         for index, optimizer in enumerate(optimizers):
             tensors[f"optimizer_{index}"] = get_optimizer_state_dict(module, optimizer)
@@ -227,11 +220,12 @@ class CheckpointIO(LightningCheckpointIO):
             dist.broadcast_object_list(outcome, src=0, group=group)
         result.ok, result.error, result.nbytes = outcome[0]
         result.seconds = time.perf_counter() - start
-        if result.ok and self.rank == 0 and self.after_commit is not None:
+        if result.ok and self.rank == 0 and self.retention is not None:
+            protected = {u for u in (self._resumed_from, result.url) if u}
             try:
-                self.after_commit(result)
+                self.retention.prune(self.storage_options, protected)
             except Exception as exc:
-                log.warning("after checkpoint step %d: %s", result.step, one_line(exc))
+                log.warning("retention after checkpoint step %d: %s", result.step, one_line(exc))
 
     def _commit(self, result: SaveResult, gathered: list) -> tuple[bool, str | None, int]:
         errors = [f"rank {r}: {e}" for r, (errs, _) in enumerate(gathered) for e in errs]
@@ -250,11 +244,14 @@ class CheckpointIO(LightningCheckpointIO):
     # -------------------------------------------------------------------------------------------
     # Loading
 
-    def load(self, url: str) -> dict[str, Any]:
-        """Load `url` into the bound strategy's model and optimizers (in place, resharded to its
-        mesh); return the rest of the trainer's state as Lightning restores it. With `fallback`
-        (resume=last), rank 0 checks checksums and falls back to an older checkpoint if needed;
-        every rank then loads the one rank 0 chose."""
+    def load(self, module: torch.nn.Module, optimizers: list[Any], url: str,
+             strict: bool = True) -> dict[str, Any]:
+        """Load `url` into `module` and `optimizers` (in place, resharded to their mesh); return
+        the rest of the trainer's state as Lightning restores it, with this rank's RNG states
+        (`RNG_KEY`, when the world size is the saved one) and the URL loaded
+        (`RESUMED_FROM_KEY`) for callbacks. With `fallback` (resume=last), rank 0 checks
+        checksums and falls back to an older checkpoint if needed; every rank then loads the one
+        rank 0 chose."""
         group = self.group()
         chosen: list[Any] = [None]
         if self.rank == 0:
@@ -271,9 +268,8 @@ class CheckpointIO(LightningCheckpointIO):
             return {"pytorch-lightning_version": pl.__version__, "optimizer_states": [],
                     "lr_schedulers": []}
         url, saved_world = chosen[0]
-        module, optimizers = self._targets()
+        optimizers = [getattr(o, "_optimizer", o) for o in optimizers]
         reader = FsspecReader(url, **self.storage_options)
-        strict = getattr(self.strategy.lightning_module, "strict_loading", True)
         model_state = {MODEL_KEY: get_model_state_dict(module)}
         dcp.load(model_state, storage_reader=reader, planner=SafeLoadPlanner(),
                  process_group=group, no_dist=not _distributed())
@@ -288,10 +284,9 @@ class CheckpointIO(LightningCheckpointIO):
         fs, root = filesystem(url, self.storage_options)
         checkpoint = _deserialize(fs.cat_file(join(root, META_FILE)))
         checkpoint["optimizer_states"] = []  # loaded above; Lightning only checks the key
-        self.loaded_rng = None
         if saved_world == self.world_size:  # another mesh draws other numbers anyway
-            self.loaded_rng = _deserialize(fs.cat_file(join(root, rng_file(self.rank))))
-        self.resumed_from = url
+            checkpoint[RNG_KEY] = _deserialize(fs.cat_file(join(root, rng_file(self.rank))))
+        checkpoint[RESUMED_FROM_KEY] = self._resumed_from = url
         if self.rank == 0:
             log.info("resumed from %s (step %s)", url, checkpoint.get("global_step"))
         return checkpoint
@@ -326,14 +321,6 @@ class CheckpointIO(LightningCheckpointIO):
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
         return self._group
-
-    def _targets(self) -> tuple[torch.nn.Module, list[torch.optim.Optimizer]]:
-        if self.strategy is None:
-            raise RuntimeError("CheckpointIO is not attached to a strategy")
-        module = self.strategy.lightning_module
-        optimizers = [getattr(o, "_optimizer", o) for o in self.strategy.optimizers]
-        return module, optimizers
-
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()

@@ -43,7 +43,7 @@ class Manifest:
     mesh: dict[str, int]
     config_hash: str
     files: dict[str, dict[str, Any]]  # name relative to the checkpoint: {"bytes", "sha256"}
-    model: dict[str, Any] | None = None  # the reference decoder's shape, for export
+    model: dict[str, Any] | None = None  # the model's family and shape, for export
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                 time.gmtime()))
     format: int = FORMAT

@@ -6,11 +6,25 @@ without a manifest older than the newest commit are failed saves and go too."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import trainer.checkpoint.manifest as mf
 from trainer.checkpoint.storage import filesystem
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What a run keeps under `directory` (checkpoint.keep_last / keep_every)."""
+
+    directory: str
+    keep_last: int
+    keep_every: int = 0
+
+    def prune(self, storage_options: dict | None, protected: set[str]) -> list[str]:
+        return prune(self.directory, storage_options, keep_last=self.keep_last,
+                     keep_every=self.keep_every, protected=protected)
 
 
 def keep_set(found: list[mf.Found], *, keep_last: int, keep_every: int,

@@ -9,7 +9,6 @@ from trainer.plan.dims import ParallelDims
 from trainer.plan.planner import (
     Candidate,
     Estimate,
-    Rejection,
     RunFacts,
     all_candidates,
     candidates,
@@ -18,6 +17,7 @@ from trainer.plan.planner import (
     explicit_shape,
     preference,
 )
+from trainer.plan.rejection import Rejection
 
 __all__ = ["Candidate", "Estimate", "ParallelDims", "Rejection", "RunFacts", "all_candidates",
            "candidates", "choose", "evaluate", "explicit_shape", "preference"]

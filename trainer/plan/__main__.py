@@ -126,9 +126,9 @@ def print_table(run: RunConfig, found: list[Candidate], chosen: Candidate, *,
     # a model with experts gets expert parallel's column and link (ep borrows dp_shard's ranks)
     experts = any(c.dims.ep > 1 for c in found)
     link_names = ("tp", "fsdp", "dp_replicate", *(("ep",) if experts else ()))
+    links_header = "links " + "/".join(link_names).replace("dp_replicate", "rep")
     for header in ("", *MESH_DIMS, *(("ep",) if experts else ()), "AC", "GiB/rank", "step s",
-                   "tokens/s", "MFU", f"links {'/'.join(link_names).replace('dp_replicate', 'rep')}",
-                   "status"):
+                   "tokens/s", "MFU", links_header, "status"):
         table.add_column(header, justify="left" if header in ("", "status") else "right")
     for c in shown:
         d, e = c.dims, c.estimate

@@ -35,6 +35,9 @@ from trainer.hardware import GIB, HardwareSpec, Link
 from trainer.models.family import ModelCosts, ParamCounts, Widths, ring_allreduce, ring_gather
 from trainer.models.registry import model_costs
 from trainer.plan.dims import EP_DIM, EP_SPLITS, FSDP_DIMS, ParallelDims
+from trainer.plan.rejection import Rejection
+from trainer.plan.xla import rejection as xla_rejection
+from trainer.plan.xla import step_time as xla_step_time
 
 # Dtype widths in bytes. Mixed precision computes in 16 bits; "32-true" computes in fp32, which
 # the hardware spec counts against its bf16 peak.
@@ -48,19 +51,6 @@ _RECOMPUTE_FACTOR = 8 / 6
 _TIE_DIGITS = 6
 # Dims that exist in the mesh's vocabulary but not yet in the trainer: they must stay 1.
 NOT_IMPLEMENTED = {"cp": "context parallel is not implemented yet; use 1"}
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Why a plan cannot run: the config key to change, its value, and what is wrong."""
-
-    key: str
-    value: object
-    why: str
-    kind: str = "shape"  # "shape" (dims vs model / topology / batch), "link" or "memory"
-
-    def __str__(self) -> str:
-        return f"{self.key}={self.value}: {self.why}"
 
 
 @dataclass(frozen=True)
@@ -361,6 +351,8 @@ def structural_rejection(facts: RunFacts, dims: ParallelDims,
     for name, why in NOT_IMPLEMENTED.items():
         if dims.size(name) != 1:
             return Rejection(getattr(KEY.parallelism, name), dims.size(name), why)
+    if run.uses_xla and (refused := xla_rejection(run, dims)):
+        return refused
     mesh_refusal = getattr(facts.costs, "mesh_rejection", lambda uses_mesh: None)(dims.uses_mesh)
     if mesh_refusal:
         return Rejection(KEY.parallelism, dims.mesh_str, mesh_refusal)
@@ -454,7 +446,10 @@ def evaluate(facts: RunFacts, shape: tuple[int, ...], activation_checkpointing: 
     dims = facts.dims(shape, activation_checkpointing, ep)
     links = dim_links(facts.topology, dims.shape, dims.ep)
     times = step_time(facts, dims, links)
-    tokens_per_s = dims.tokens_per_step / times["step"]
+    if facts.run.uses_xla:
+        times = xla_step_time(times)
+    # a model of no known size (a user's module the meta device cannot build) has no step time
+    tokens_per_s = dims.tokens_per_step / times["step"] if times["step"] else math.nan
     model_flops = facts.costs.flops_per_token(facts.run.data.seq_len) * tokens_per_s
     memory = memory_breakdown(facts, dims)
     rejection = (structural_rejection(facts, dims, links)

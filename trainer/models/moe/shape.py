@@ -169,7 +169,8 @@ class MoEArgs:
                     f"does not divide {KEY.model.n_experts}={self.n_experts}")
         return None
 
-    def expert_shard_rejection(self, *, ep: int, tp: int, shards: int) -> tuple[str, int, str] | None:
+    def expert_shard_rejection(self, *, ep: int, tp: int,
+                               shards: int) -> tuple[str, int, str] | None:
         """FSDP2 splits a rank's expert stack ([n_experts / ep, moe_ffn_dim / tp, dim] or its
         transpose) over `shards` ranks on one dim, and pads only dim 0: some dim must divide
         evenly unless dim 0 does (padding whole experts would multiply their memory)."""
