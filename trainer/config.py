@@ -110,8 +110,9 @@ class ModelConfig:
     rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
     norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = False  # the output head shares the token embedding's weights
-    # --- model.family=moe (docs/moe.md); a family refuses a key of another family's changed ---
-    head_dim: Optional[int] = None  # size of one attention head (null: dim / n_heads)
+    # model.family=moe (docs/moe.md); another family refuses these keys when changed:
+    # the size of one attention head (null: dim / n_heads)
+    head_dim: Optional[int] = None
     n_experts: int = 8  # routed experts in each MoE layer
     top_k: int = 2  # experts each token is routed to
     moe_ffn_dim: int = 256  # hidden size of one expert's SwiGLU (ffn_dim is the dense layers')
@@ -119,9 +120,9 @@ class ModelConfig:
     moe_every: int = 1  # every Nth layer is MoE (Hugging Face's decoder_sparse_step)
     n_dense_layers: int = 0  # the first N layers are dense (DeepSeek-V3's first_k_dense_replace)
     norm_topk_prob: bool = True  # rescale each token's top-k routing weights to sum to one
-    # load balancing: the auxiliary loss's weight (0: off) and the auxiliary-loss-free bias
-    # update's rate (DeepSeek-V3's gamma; 0: off); either, both or neither
+    # load balancing, either, both or neither: the auxiliary loss's weight (0: off)
     aux_loss_coef: float = 0.001
+    # and DeepSeek-V3's auxiliary-loss-free bias update rate, its gamma (0: off)
     bias_update_rate: float = 0.0
     # keyword arguments for a user's `_target_` class (a family's model ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
