@@ -147,3 +147,36 @@ def test_the_cli_prints_the_ep_column_and_total_against_active_parameters():
     assert proc.returncode == 0, proc.stderr
     assert "┃ ep ┃" in proc.stdout and "links tp/fsdp/rep/ep" in proc.stdout
     assert "moe_tiny: 1.59M parameters, 0.71M active per token (2 of 8 experts)" in proc.stdout
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-mixed"])
+@pytest.mark.parametrize("changes", [[], ["model.n_shared_experts=1", "model.n_dense_layers=0"]])
+def test_activation_estimate_matches_what_autograd_saves(precision, changes):
+    import torch
+
+    from trainer.models.moe.model import Transformer
+
+    run = load(["model=moe_tiny", "model.n_layers=3", "model.vocab_size=64",
+                "model.max_seq_len=64", "data.seq_len=64", "data.micro_batch_size=2",
+                f"trainer.precision={precision}", *changes])
+    estimate = choose(run).estimate.memory  # one rank: every routed copy is its own
+    torch.manual_seed(0)
+    model = Transformer(shape_of(run.model))
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def record(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t), autocast:
+        model(torch.randint(64, (2, 64)))
+    # under autocast the saved tensors include its 16-bit copies of the weights (the experts'
+    # stacks cast once per layer)
+    expected = estimate["activations"] + estimate["autocast_weights"]
+    assert sum(saved.values()) == pytest.approx(expected, rel=0.02)
