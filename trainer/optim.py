@@ -11,7 +11,6 @@ from torch import nn
 
 from trainer.config import OptimConfig
 
-
 # DTensors on meshes of this many dims or more take per-tensor kernels instead of foreach ones:
 # torch 2.13 works out a foreach op's sharding tensor by tensor over every combination of the
 # mesh's dims, uncached; for an MoE's experts on (dp_replicate, dp_shard_mod_ep, ep, tp) that
