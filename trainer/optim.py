@@ -11,7 +11,7 @@ from torch import nn
 
 from trainer.config import OptimConfig
 
-# DTensors on meshes of this many dims or more take per-tensor kernels instead of foreach ones:
+# DTensors on meshes of more dims than this take per-tensor kernels instead of foreach ones:
 # torch 2.13 works out a foreach op's sharding tensor by tensor over every combination of the
 # mesh's dims, uncached; for an MoE's experts on (dp_replicate, dp_shard_mod_ep, ep, tp) that
 # took 0.8 s per tensor and op here (hours for a 94-layer model's first step), while a plain
