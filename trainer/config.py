@@ -60,6 +60,8 @@ class HardwareConfig:
     description: str = ""  # one line for people: chips, memory, links
     device_type: str = MISSING  # the torch device the ranks use: cpu | cuda | neuron
     backend: str = MISSING  # process-group backend: gloo | nccl | neuron
+    # the software stack runs expert parallel's all-to-all (false: MoE is planned without EP)
+    expert_parallel: bool = True
     instance_type: str = MISSING  # EC2 instance type of one node, e.g. p5.48xlarge; "local" on cpu
     chips_per_node: int = MISSING  # accelerator chips (GPUs, Trainium chips) in one node
     ranks_per_chip: int = 1  # logical NeuronCores per chip on Trainium, 1 for a GPU
@@ -102,7 +104,7 @@ class ModelConfig:
     """
 
     _target_: str = "trainer.module.LanguageModel"  # dotted path of the LightningModule class
-    family: str = "llama"  # the model family: llama
+    family: str = "llama"  # the model family: llama | moe
     name: str = "tiny"  # the preset; part of the default MLflow run name
     # Hugging Face checkpoint to start from: a directory or fsspec URL (s3://...) holding
     # config.json and *.safetensors; its config must match the shape keys. null: random init.
@@ -119,6 +121,20 @@ class ModelConfig:
     rope_theta: float = 10000.0  # base of the rotary position embedding frequencies
     norm_eps: float = 1e-5  # epsilon of RMSNorm
     tie_embeddings: bool = False  # the output head shares the token embedding's weights
+    # model.family=moe (docs/moe.md); another family refuses these keys when changed:
+    # the size of one attention head (null: dim / n_heads)
+    head_dim: Optional[int] = None
+    n_experts: int = 8  # routed experts in each MoE layer
+    top_k: int = 2  # experts each token is routed to
+    moe_ffn_dim: int = 256  # hidden size of one expert's SwiGLU (ffn_dim is the dense layers')
+    n_shared_experts: int = 0  # experts every token also goes through (DeepSeek's shared experts)
+    moe_every: int = 1  # every Nth layer is MoE (Hugging Face's decoder_sparse_step)
+    n_dense_layers: int = 0  # the first N layers are dense (DeepSeek-V3's first_k_dense_replace)
+    norm_topk_prob: bool = True  # rescale each token's top-k routing weights to sum to one
+    # load balancing, either, both or neither: the auxiliary loss's weight (0: off)
+    aux_loss_coef: float = 0.001
+    # and DeepSeek-V3's auxiliary-loss-free bias update rate, its gamma (0: off)
+    bias_update_rate: float = 0.0
     # keyword arguments for a user's `_target_` class (a family's model ignores them)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -176,6 +192,9 @@ class ParallelismConfig:
     dp_shard: Optional[int] = None  # FSDP2: parameters, gradients, optimizer state split
     cp: Optional[int] = None  # context parallel (not implemented yet: 1 or null)
     tp: Optional[int] = None  # tensor parallel: each matmul split over these ranks, in a node
+    # expert parallel (model.family=moe): each MoE layer's experts split over ep of dp_shard's
+    # ranks, tokens exchanged by all-to-all; ep divides dp_shard (docs/moe.md)
+    ep: Optional[int] = None
     sequence_parallel: bool = False  # with tp: norms and residual stream split by sequence
     # recompute each block in backward to save memory (null: the planner decides)
     activation_checkpointing: Optional[bool] = None
@@ -324,6 +343,10 @@ class PlanConfig:
     # for 2025: 1.14 (sustainability.aboutamazon.com/environment/the-cloud, read 2026-12).
     pue: float = 1.14
     memory_headroom: float = 0.9  # plans may use this fraction of a rank's memory
+    # expert_load: tokens the busiest expert-parallel rank receives, as a multiple of the mean
+    # (routing is dropless, so imbalance costs time and memory). Switch Transformer trained at
+    # capacity factors 1.0-1.25 (Fedus et al. 2022, table 1); 1.25 assumes balancing holds that.
+    expert_load: float = 1.25
 
 
 # The XLA path (trainer/xla/): torch-neuronx's PyTorch/XLA for Trn1 and Neuron SDKs up to 2.29,
@@ -664,6 +687,9 @@ def _check_parallelism(run: RunConfig) -> None:
     if len(filled) > 1:
         raise ConfigError(f"parallelism.{filled[1]}", -1,
                           f"only one dim may be -1 (parallelism.{filled[0]} already is)")
+    if p.ep is not None and p.ep < 1:
+        raise ConfigError("parallelism.ep", p.ep,
+                          "must be a positive size (it divides dp_shard; -1 is not allowed)")
     for key in ("param_dtype", "reduce_dtype"):
         value = getattr(p, key)
         if value is not None:
@@ -811,6 +837,9 @@ def _check_plan(run: RunConfig) -> None:
         raise ConfigError("plan.overlap", p.overlap, "must be in [0, 1]")
     if p.pue < 1:
         raise ConfigError("plan.pue", p.pue, "must be 1 or more (facility power / IT power)")
+    if p.expert_load < 1:
+        raise ConfigError("plan.expert_load", p.expert_load,
+                          "must be 1 or more (the busiest expert rank's tokens over the mean)")
 
 
 def _check_strategy(run: RunConfig) -> None:

@@ -96,7 +96,11 @@ class LanguageModel(pl.LightningModule):
         return self.model(tokens)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
-        return self._loss(batch)
+        loss = self._loss(batch)
+        # a family's model may add a loss of its own (MoE: load balancing); evaluation leaves it out
+        auxiliary = getattr(self.model, "auxiliary_loss", None)
+        extra = auxiliary() if auxiliary is not None else None
+        return loss if extra is None else loss + extra
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
         return self._loss(batch)
@@ -106,6 +110,18 @@ class LanguageModel(pl.LightningModule):
         inputs, targets, *documents = batch
         logits = self.model(inputs, *documents)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        after = getattr(self.model, "after_optimizer_step", None)  # MoE: the balance bias
+        if after is not None:
+            after()
+
+    def step_metrics(self) -> dict[str, torch.Tensor]:
+        """The model's own metrics (MoE: router health) as device tensors, read by the step
+        monitor at its log cadence on every rank."""
+        metrics = getattr(self.model, "router_metrics", None)
+        return metrics() if metrics is not None else {}
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.run.optim)

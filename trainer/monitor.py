@@ -84,10 +84,13 @@ class StepMonitor(pl.Callback):
         values = [loss if loss is not None else torch.zeros(())]
         grad_norm = getattr(pl_module, "last_grad_norm", None)
         values.append(grad_norm if grad_norm is not None else torch.zeros(()))
+        # the module's own device-side metrics (MoE router health), global already
+        extra = pl_module.step_metrics() if hasattr(pl_module, "step_metrics") else {}
+        values += extra.values()
         stacked = torch.stack([v.float().to(pl_module.device) for v in values])
         # Mean over ranks; the grad norm is already global, so averaging leaves it unchanged.
         stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
-        loss_value, norm_value = stacked.tolist()  # the one host sync of the window
+        loss_value, norm_value, *extra_values = stacked.tolist()  # the one host sync
         now = time.perf_counter()
         seconds = now - self._window_start
         steps = max(1, self._window_steps)
@@ -103,6 +106,7 @@ class StepMonitor(pl.Callback):
         }
         if grad_norm is not None:
             metrics["train/grad_norm"] = norm_value
+        metrics.update(zip(extra, extra_values, strict=True))
         if t.flops_per_token:
             tflops = tokens_per_s * t.flops_per_token / t.chips / 1e12
             metrics["perf/tflops_per_chip"] = tflops

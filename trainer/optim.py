@@ -11,22 +11,37 @@ from torch import nn
 
 from trainer.config import OptimConfig
 
+# DTensors on meshes of more dims than this take per-tensor kernels instead of foreach ones:
+# torch 2.13 works out a foreach op's sharding tensor by tensor over every combination of the
+# mesh's dims, uncached; for an MoE's experts on (dp_replicate, dp_shard_mod_ep, ep, tp) that
+# took 0.8 s per tensor and op here (hours for a 94-layer model's first step), while a plain
+# op's sharding is cached per spec and every layer's experts share theirs.
+FOREACH_MAX_MESH_DIMS = 2
+
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only: decaying norm gains pulls them towards zero,
-    which only hurts."""
-    decay, no_decay = [], []
+    which only hurts. Parameters are grouped by kind as well: a foreach kernel takes DTensors or
+    plain tensors, not both (tensor parallel without FSDP leaves an MoE router plain), and
+    DTensors on meshes of more than FOREACH_MAX_MESH_DIMS dims go per tensor."""
+    groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+            kind = (param.ndim >= 2, isinstance(param, torch.distributed.tensor.DTensor),
+                    _foreach(param))
+            groups.setdefault(kind, []).append(param)
     # foreach keeps the update to a handful of kernels; fused is not implemented for DTensor.
     return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True
+        [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+          "foreach": foreach}
+         for (decay, _, foreach), params in sorted(groups.items(), reverse=True)],
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
+
+
+def _foreach(tensor: torch.Tensor) -> bool:
+    mesh = _mesh_of(tensor)
+    return mesh is None or mesh.ndim <= FOREACH_MAX_MESH_DIMS
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -63,14 +78,16 @@ def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch
         return torch.zeros(())
     squares = []
     for params in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0,
+                                             foreach=_foreach(params[0].grad))
         if isinstance(norm, torch.distributed.tensor.DTensor):
             norm = norm.full_tensor()
         squares.append(norm.float() ** 2)
     total = torch.stack(squares).sum().sqrt()
     if max_norm > 0:
         for params in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].device))
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].device),
+                                                 foreach=_foreach(params[0].grad))
     return total
 
 

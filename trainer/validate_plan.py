@@ -49,10 +49,13 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from trainer.config import KEY, ConfigError, RunConfig
 from trainer.hardware import GIB
 from trainer.plan import Candidate, ParallelDims
+from trainer.plan.dims import EXPERT_FSDP_DIM
 
 TOLERANCE = 0.05  # parameter bytes: pure layout arithmetic, only FSDP's padding moves it
 STEP_TOLERANCE = 0.15  # the step's peak against the planner's total (module doc: why)
-FSDP_DIMS = ("dp_shard",)  # the mesh dims FSDP2 shards over (dp_replicate only replicates)
+# the mesh dims FSDP2 shards over (dp_replicate only replicates): dp_shard, and for routed
+# experts what expert parallel leaves of it
+FSDP_DIMS = ("dp_shard", EXPERT_FSDP_DIM)
 
 
 @dataclass(frozen=True)
@@ -249,7 +252,8 @@ def validate(run: RunConfig, chosen: Candidate, *, tolerance: float = TOLERANCE,
     except Exception as exc:  # any failure of the real code is the finding
         raise PlanValidationError(dims, f"building or stepping the module failed: "
                                         f"{type(exc).__name__}: {_first_line(exc)}") from exc
-    if measured is not None and stepped is not chosen:
+    checkpointed = dims.activation_checkpointing
+    if measured is not None and stepped.dims.activation_checkpointing != checkpointed:
         measured = dataclasses.replace(measured, without_checkpointing=True)
     layouts = [layout for layout, _, _ in builds[0]]
     for rank, build in builds.items():
@@ -279,12 +283,20 @@ def step_candidate(run: RunConfig, chosen: Candidate) -> Candidate:
     activations fake, 0.33 GiB in a real 2-process gloo run of the same module; without FSDP2,
     fake and real agree), so the step is measured without checkpointing and compared with the
     planner's estimate for the same mesh without it. What checkpointing itself saves (each block
-    keeps its input) is measured on two real processes by tests/test_validate_plan.py."""
-    if not (chosen.dims.activation_checkpointing and chosen.dims.fsdp):
-        return chosen
+    keeps its input) is measured on two real processes by tests/test_validate_plan.py.
+
+    Routed experts: fake tensors hold no routing, so the fake step sends every expert its mean
+    share of tokens (`trainer.models.moe.experts`), and its estimate is the planner's at
+    plan.expert_load=1."""
     from trainer.plan import RunFacts, evaluate
 
-    return evaluate(RunFacts.of(run), chosen.dims.shape, False)
+    even = chosen.dims.expert_parallel and run.plan.expert_load != 1
+    if not (chosen.dims.activation_checkpointing and chosen.dims.fsdp) and not even:
+        return chosen
+    if even:
+        run = dataclasses.replace(run, plan=dataclasses.replace(run.plan, expert_load=1.0))
+    ac = chosen.dims.activation_checkpointing and not chosen.dims.fsdp
+    return evaluate(RunFacts.of(run), chosen.dims.shape, ac, chosen.dims.ep)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -469,7 +481,7 @@ def _first_line(exc: BaseException) -> str:
 
 def rank_bytes(layouts: Sequence[ParamLayout], dims: ParallelDims, rank: int) -> RankBytes:
     """One rank's parameter bytes. Alike parameters (every block's wq, ...) are sized once."""
-    coords = dims.coordinates(rank)
+    coords = dims.all_coordinates(rank)
     alike: dict[tuple, list[ParamLayout]] = {}
     for layout in layouts:
         alike.setdefault(layout.signature, []).append(layout)
@@ -483,7 +495,7 @@ def rank_bytes(layouts: Sequence[ParamLayout], dims: ParallelDims, rank: int) ->
 
 def check_against_build(dims: ParallelDims, rank: int, build: Build) -> None:
     """The layout arithmetic must give exactly what the real build at `rank` holds."""
-    coords = dims.coordinates(rank)
+    coords = dims.all_coordinates(rank)
     for layout, local, storage in build:
         expected = (layout.held(coords), layout.allocated(coords))
         if expected != (local, storage):

@@ -35,6 +35,7 @@ SETUPS = {
     "trn2-ultraserver": ["experiment=llama3_8b_trn2_ultraserver"],
     "trn2-ultraservers-x2": ["experiment=llama3_8b_trn2_ultraserver", "cluster.nodes=8"],
     "gb200-nvl72": ["experiment=llama3_405b_gb200_nvl72"],
+    "gb200-nvl72-moe": ["experiment=qwen3_235b_a22b_gb200_nvl72"],  # expert parallel
     "trn1x2-xla": ["hardware=trn1", "cluster.nodes=2", "trainer.precision=bf16-true",
                    "strategy.parallel_compile_steps=10"],
 }

@@ -82,6 +82,20 @@ def run(scenario: Scenario) -> dict[str, float]:
     model.init_weights(seed=SEED)
     reference = Transformer(args)
     reference.init_weights(seed=SEED)
+    return train_beside_reference(model, reference, mesh, args.vocab_size, args.max_seq_len)
+
+
+def train_beside_reference(model: torch.nn.Module, reference: torch.nn.Module, mesh,
+                           vocab_size: int, seq_len: int, *,
+                           loss_of=None, after_step=None,
+                           packed: bool = True) -> dict[str, float]:
+    """Train `model` (sharded over `mesh`, this rank's data-parallel slice of each global batch)
+    and the unsharded `reference` (the whole global batch) side by side for STEPS steps with the
+    project's AdamW and clipping; the differences measured. `loss_of(model, inputs, targets,
+    *documents)` replaces the cross entropy; `after_step(model)` runs after each optimizer step;
+    with `packed`, odd steps pack several documents into each row (document masking)."""
+    loss_of = loss_of or (lambda m, x, y, *d: F.cross_entropy(m(x, *d).flatten(0, 1),
+                                                              y.flatten()))
     init_diff = _weight_difference(model, reference, absolute=True)
     replicas, dp_rank = data_parallel_rank(mesh)
 
@@ -90,32 +104,29 @@ def run(scenario: Scenario) -> dict[str, float]:
     data = torch.Generator().manual_seed(1)
     loss_diff = norm_diff = 0.0
     for step in range(STEPS):
-        tokens = torch.randint(args.vocab_size, (replicas * MICRO_BATCH, args.max_seq_len + 1),
-                               generator=data)
+        tokens = torch.randint(vocab_size, (replicas * MICRO_BATCH, seq_len + 1), generator=data)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         # odd steps: each row packs documents (a new one starts where a draw falls under 0.2)
         starts = torch.rand(inputs.shape, generator=data) < 0.2
-        documents = [starts.cumsum(dim=1, dtype=torch.int32)] if step % 2 else []
+        documents = [starts.cumsum(dim=1, dtype=torch.int32)] if packed and step % 2 else []
         mine = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
-        loss = F.cross_entropy(model(inputs[mine], *(d[mine] for d in documents)).flatten(0, 1),
-                               targets[mine].flatten())
-        loss.backward()
-        norm = clip_grad_norm(model.parameters(), MAX_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-
-        ref_loss = F.cross_entropy(reference(inputs, *documents).flatten(0, 1),
-                                   targets.flatten())
-        ref_loss.backward()
-        ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), MAX_NORM)
-        ref_optimizer.step()
-        ref_optimizer.zero_grad()
-
-        mean_loss = loss.detach().clone()
+        losses, norms = [], []
+        for m, opt, clip, rows in ((model, optimizer, clip_grad_norm, mine),
+                                   (reference, ref_optimizer, torch.nn.utils.clip_grad_norm_,
+                                    slice(None))):
+            loss = loss_of(m, inputs[rows], targets[rows], *(d[rows] for d in documents))
+            loss.backward()
+            norms.append(clip(m.parameters(), MAX_NORM))
+            opt.step()
+            opt.zero_grad()
+            if after_step is not None:
+                after_step(m)
+            losses.append(loss.detach().clone())
+        mean_loss, ref_loss = losses
         dist.all_reduce(mean_loss)  # tp peers count their shared loss alike: a plain mean works
         mean_loss /= dist.get_world_size()
         loss_diff = max(loss_diff, abs(mean_loss.item() - ref_loss.item()))
-        norm_diff = max(norm_diff, abs(norm.item() - ref_norm.item()) / ref_norm.item())
+        norm_diff = max(norm_diff, abs(norms[0].item() - norms[1].item()) / norms[1].item())
     return {"init_abs_diff": init_diff, "loss_diff": loss_diff, "grad_norm_rel_diff": norm_diff,
             "weight_rel_diff": _weight_difference(model, reference)}
 

@@ -68,6 +68,7 @@ def export(directory: str, step: int | None, out: str, storage_options: dict | N
         raise ExportError(f"{url} lacks {len(missing)} tensor(s) of the {fam.name} model "
                           f"(first: {missing[0]})")
     out_dtype = dtype or str(stored[_key(maps[0])].properties.dtype).removeprefix("torch.")
+    config = adapter.config(shape, out_dtype)  # refuses what the layout cannot express: first
     shards = _shards(maps, stored, out_dtype, max_shard_bytes)
     fs, root = filesystem(out, storage_options if not is_local(out) else None)
     if is_local(out):
@@ -75,12 +76,19 @@ def export(directory: str, step: int | None, out: str, storage_options: dict | N
     names = [SINGLE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, total = {}, 0
+    stack: tuple[str, torch.Tensor] | None = None  # the expert stack being written, loaded once
     for name, shard in zip(names, shards, strict=True):
-        plan = [(m.hf, out_dtype, tuple(stored[_key(m)].size)) for m in shard]
+        plan = [(m.hf, out_dtype, _hf_size(m, stored)) for m in shard]
         with fs.open(posixpath.join(root, name), "wb") as f:
             writer = SafetensorsWriter(f, plan)
             for m in shard:
-                tensor = _load_one(reader, _key(m), stored[_key(m)])
+                if m.stacked is None:
+                    tensor = _load_one(reader, _key(m), stored[_key(m)])
+                else:  # one matrix of a stack (an MoE layer's experts)
+                    if stack is None or stack[0] != _key(m):
+                        stack = None  # the previous stack goes before the next one loads
+                        stack = (_key(m), _load_one(reader, _key(m), stored[_key(m)]))
+                    tensor = stack[1][m.stacked]
                 if m.order is not None:
                     tensor = tensor[m.order()]
                 writer.write(m.hf, tensor.to(getattr(torch, out_dtype)))
@@ -92,7 +100,6 @@ def export(directory: str, step: int | None, out: str, storage_options: dict | N
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         fs.pipe_file(posixpath.join(root, INDEX), json.dumps(index, indent=2).encode())
-    config = adapter.config(shape, out_dtype)
     fs.pipe_file(posixpath.join(root, CONFIG), json.dumps(config, indent=2).encode())
     return url
 
@@ -118,6 +125,12 @@ def _key(mapping: WeightMap) -> str:
     return f"{MODEL_KEY}.{PREFIX}{mapping.ours}"
 
 
+def _hf_size(m: WeightMap, stored: dict[str, TensorStorageMetadata]) -> tuple[int, ...]:
+    """The shape of `m`'s Hugging Face tensor: ours, or one matrix of our stack."""
+    size = tuple(stored[_key(m)].size)
+    return size[1:] if m.stacked is not None else size
+
+
 def _shards(maps: list[WeightMap], stored: dict[str, TensorStorageMetadata], dtype: str,
             limit: int) -> list[list[WeightMap]]:
     """The tensors in order, cut into files of at most `limit` bytes (a larger tensor alone)."""
@@ -125,7 +138,7 @@ def _shards(maps: list[WeightMap], stored: dict[str, TensorStorageMetadata], dty
     shards: list[list[WeightMap]] = [[]]
     size = 0
     for m in maps:
-        nbytes = math.prod(stored[_key(m)].size) * width
+        nbytes = math.prod(_hf_size(m, stored)) * width
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0

@@ -162,6 +162,9 @@ class ModelFamily:
     parallelize: Callable[..., nn.Module]
     init_weights: Callable[[nn.Module, int, Any], None]  # (model, seed, buffer device)
     hf: Callable[[], HFAdapter]  # the Hugging Face adapter (config and weight names)
+    # (run): raise ConfigError for a run option the family does not train with, before any
+    # process starts (e.g. MoE and torch.compile)
+    refuse_options: Callable[[Any], None] = lambda run: None
 
     def shape_of(self, model_cfg: Any) -> Any:
         """The shape keys of a `ModelConfig` (or a DictConfig of one) this family reads."""

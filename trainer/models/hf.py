@@ -50,11 +50,15 @@ class PretrainedError(ValueError):
 @dataclass(frozen=True)
 class WeightMap:
     """One tensor of ours and its Hugging Face counterpart. `order`, when set, gives the row
-    permutation between the layouts: Hugging Face's row i is our row order[i]."""
+    permutation between the layouts: Hugging Face's row i is our row order[i]. `stacked`, when
+    set, says that Hugging Face's tensor is one matrix of ours, ours[stacked]: Hugging Face
+    stores each expert of an MoE layer on its own, the MoE family stacks them on dim 0 (where
+    expert parallel splits them)."""
 
     ours: str  # parameter name in the family's model
     hf: str  # tensor name in the Hugging Face checkpoint
     order: Callable[[], torch.Tensor] | None = None
+    stacked: int | None = None
 
 
 class HFAdapter(Protocol):
@@ -181,10 +185,11 @@ def check_pretrained(family: ModelFamily, shape: Any, url: str,
             if mapping.hf not in tensors:
                 raise ConfigError(KEY.model.init_from, url,
                                   f"has no tensor {mapping.hf}, which {family.name} needs")
-            if tensors[mapping.hf].shape != expected[mapping.ours]:
+            needed = expected[mapping.ours][1 if mapping.stacked is not None else 0:]
+            if tensors[mapping.hf].shape != needed:
                 raise ConfigError(KEY.model.init_from, url,
                                   f"{mapping.hf} is {list(tensors[mapping.hf].shape)}, the model "
-                                  f"needs {list(expected[mapping.ours])}")
+                                  f"needs {list(needed)}")
     except ConfigError:
         raise
     except PretrainedError as exc:
@@ -231,15 +236,14 @@ def load_pretrained(model: nn.Module, family: ModelFamily, shape: Any, url: str,
 
     source = HFCheckpoint(url, storage_options)
     params = {canonical_name(n): p for n, p in model.named_parameters()}
-    read = held = 0
+    read = 0
     mappings = family.hf().weights(shape)
     for mapping in mappings:
-        param = params[mapping.ours]
         with torch.no_grad():
-            nbytes = _fill(param, source, mapping)
-        read += nbytes
-        local = _local(param)
-        held += local.numel() * local.element_size()
+            read += _fill(params[mapping.ours], source, mapping)
+    # each parameter once: a stack of experts is many Hugging Face tensors
+    held = sum(_local(params[name]).numel() * _local(params[name]).element_size()
+               for name in {m.ours for m in mappings})
     return LoadReport(len(mappings), read, held)
 
 
@@ -258,8 +262,15 @@ def _fill(param: torch.Tensor, source: HFCheckpoint, mapping: WeightMap) -> int:
     local = _local(param)
     if local.numel() == 0:
         return 0
-    rows = global_indices(param, 0)
-    cols = global_indices(param, 1) if param.ndim == 2 else torch.zeros(1, dtype=torch.long)
+    if mapping.stacked is not None:  # one matrix of a stack: only a rank that holds it reads
+        mine = (global_indices(param, 0) == mapping.stacked).nonzero().flatten()
+        if len(mine) == 0:
+            return 0
+        local = local[int(mine[0])]
+    dim = 1 if mapping.stacked is not None else 0
+    rows = global_indices(param, dim)
+    cols = (global_indices(param, dim + 1) if param.ndim == dim + 2
+            else torch.zeros(1, dtype=torch.long))
     if mapping.order is not None:
         # Hugging Face's row i is our row order[i]: ours r is theirs inverse[r]
         order = mapping.order()

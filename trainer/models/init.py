@@ -32,27 +32,42 @@ BLOCK_ELEMENTS = 1 << 20  # elements drawn at once: bounds the memory beyond the
 
 def fill_normal_(param: Tensor, key: str, seed: int, std: float) -> None:
     """Fill `param` (a plain tensor or this rank's DTensor shard) with N(0, std^2) values that
-    depend on `key` and `seed` only, never on how `param` is sharded."""
+    depend on `key` and `seed` only, never on how `param` is sharded. A 3-D tensor is a stack of
+    matrices (experts): matrix i is drawn as the 2-D parameter `key.i` would be, so splitting
+    the stack (expert parallel) or each matrix (tensor parallel) changes no value."""
     local = param.to_local() if isinstance(param, DTensor) else param
     if _carries_no_data(local):
         return
-    if param.ndim not in (1, 2):
-        raise ValueError(f"{key}: only 1-D and 2-D parameters are supported, got {param.ndim}-D")
-    rows = global_indices(param, 0)
-    cols = global_indices(param, 1) if param.ndim == 2 else torch.zeros(1, dtype=torch.long)
-    row_width = param.shape[1] if param.ndim == 2 else 1
+    if param.ndim not in (1, 2, 3):
+        raise ValueError(f"{key}: only 1-D to 3-D parameters are supported, got {param.ndim}-D")
+    if param.ndim == 3:
+        rows, cols = global_indices(param, 1), global_indices(param, 2)
+        values = torch.stack([_matrix_values(f"{key}.{i}", seed, param.shape[1:], rows, cols)
+                              for i in global_indices(param, 0).tolist()])
+    else:
+        rows = global_indices(param, 0)
+        cols = global_indices(param, 1) if param.ndim == 2 else torch.zeros(1, dtype=torch.long)
+        values = _matrix_values(key, seed, param.shape, rows, cols)
+    with torch.no_grad():
+        local.copy_(values.mul_(std).view(local.shape))
+
+
+def _matrix_values(key: str, seed: int, shape: tuple[int, ...], rows: Tensor,
+                   cols: Tensor) -> Tensor:
+    """The values at `rows` x `cols` of the matrix (or vector) `key` of `shape`, drawn block of
+    rows by block of rows: only the blocks these rows fall in are drawn."""
+    row_width = shape[1] if len(shape) == 2 else 1
     block_rows = max(1, BLOCK_ELEMENTS // row_width)
     values = torch.empty(len(rows), len(cols))
     blocks = rows // block_rows
     for block in blocks.unique().tolist():
         first = block * block_rows
-        count = min(block_rows, param.shape[0] - first)
+        count = min(block_rows, shape[0] - first)
         generator = torch.Generator().manual_seed(_block_seed(seed, key, block))
         drawn = torch.randn(count, row_width, generator=generator)
         mine = blocks == block
         values[mine] = drawn[rows[mine] - first][:, cols]
-    with torch.no_grad():
-        local.copy_(values.mul_(std).view(local.shape))
+    return values
 
 
 def fill_ones_(param: Tensor) -> None:

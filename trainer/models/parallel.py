@@ -14,6 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from trainer.config import ParallelismConfig
+from trainer.plan.dims import EP_SPLITS, ParallelDims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # torch.compile backend per device type: TorchNeuron registers its own; inductor elsewhere.
@@ -94,3 +95,12 @@ def apply_compile(blocks: nn.ModuleDict, backend: str) -> None:
     hooks stay between blocks, outside the graphs. In place, so parameter names do not change."""
     for block in blocks.values():
         block.compile(backend=backend, fullgraph=True)
+
+
+def expert_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The experts' mesh of `dims`: `mesh` with dp_shard unflattened into (dp_shard_mod_ep, ep),
+    ep varying fastest (`ParallelDims.expert_mesh_shape`). It shares `mesh`'s ranks and root, so
+    FSDP2 can shard over one of its dims what another splits."""
+    shape, names = dims.expert_mesh_shape
+    at = dims.dim_names.index(EP_SPLITS)
+    return mesh._unflatten(EP_SPLITS, shape[at:at + 2], names[at:at + 2])

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.config import KEY, ConfigError, RunConfig
-from trainer.models import llama
+from trainer.config import KEY, ConfigError, ModelConfig, RunConfig
+from trainer.models import llama, moe
 from trainer.models.family import ModelCosts, ModelFamily
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (llama.FAMILY,)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (llama.FAMILY, moe.FAMILY)}
 
 
 def family(name: str) -> ModelFamily:
@@ -32,15 +32,32 @@ def family_of(model_cfg: Any) -> ModelFamily:
 
 def shape_of(model_cfg: Any) -> Any:
     """The family's shape of `model_cfg`, checked (ConfigError naming the key it breaks)."""
-    shape = family_of(model_cfg).shape_of(model_cfg)
+    chosen = family_of(model_cfg)
+    refuse_foreign_keys(model_cfg, chosen)
+    shape = chosen.shape_of(model_cfg)
     shape.check()
     return shape
+
+
+def refuse_foreign_keys(model_cfg: Any, chosen: ModelFamily) -> None:
+    """A shape key only other families read must keep its default: a changed one would be
+    silently ignored (e.g. model.n_experts on a Llama)."""
+    mine, defaults = set(chosen.shape_keys()), ModelConfig()
+    for other in FAMILIES.values():
+        for key in other.shape_keys():
+            value = getattr(model_cfg, key)
+            if key not in mine and value != getattr(defaults, key):
+                raise ConfigError(getattr(KEY.model, key), value,
+                                  f"{KEY.model.family}={chosen.name} does not read it (a "
+                                  f"{KEY.model.family}={other.name} key); leave it at "
+                                  f"{getattr(defaults, key)!r} or choose that family")
 
 
 def model_costs(run: RunConfig) -> ModelCosts:
     """What the planner reads about the run's model: the family's shape, or a user's module
     counted from its own build on the meta device (`trainer.models.user`)."""
     if run.uses_family_model:
+        family_of(run.model).refuse_options(run)
         return shape_of(run.model)
     from trainer.models.user import user_module_costs
 

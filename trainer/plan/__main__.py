@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         found = sorted(all_candidates(facts), key=lambda c: (not c.feasible, preference(c)))
         chosen = choose(run)
     print_table(run, found, chosen, show_all=show_all)
+    if facts.has_experts:
+        print(expert_summary(run, facts, chosen))
     if asked.trainer.precision != run.trainer.precision:
         print(f"precision: {run.trainer.precision} ({KEY.trainer.precision}="
               f"{asked.trainer.precision}: the fastest of {', '.join(lowp.options(asked))} on "
@@ -102,6 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def expert_summary(run: RunConfig, facts: RunFacts, chosen: Candidate) -> str:
+    """Total against active parameters, and what expert parallel costs the chosen plan."""
+    costs, e = facts.costs, chosen.estimate
+
+    def count(n: int) -> str:
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+    return (f"{run.model.name}: {count(costs.num_params())} parameters, "
+            f"{count(costs.active_params())} active per token ({costs.top_k} of "
+            f"{costs.n_experts} experts); FLOPs, MFU and step time count the active ones. "
+            f"Chosen ep={chosen.dims.ep}: all-to-all {e.time['ep']:.3g} s per step over the "
+            f"{e.links['ep']} link, routing assumed to load the busiest expert rank "
+            f"{run.plan.expert_load}x the mean ({KEY.plan.expert_load}).")
+
+
 def write_json(run: RunConfig, chosen: Candidate, path: Path) -> None:
     document = {"hardware": run.hardware.name, "model": run.model.name,
                 "nodes": run.cluster.nodes, "ranks_per_node": run.ranks_per_node,
@@ -120,14 +137,19 @@ def print_table(run: RunConfig, found: list[Candidate], chosen: Candidate, *,
              f"ranks, {run.ranks_per_node} per node; seq_len {run.data.seq_len}, micro batch "
              f"{run.data.micro_batch_size}, {run.trainer.precision}")
     table = Table(title=title, title_justify="left")
-    for header in ("", *MESH_DIMS, "AC", "GiB/rank", "step s", "tokens/s", "MFU",
-                   "links tp/fsdp/rep", "status"):
+    # a model with experts gets expert parallel's column and link (ep borrows dp_shard's ranks)
+    experts = any(c.dims.ep > 1 for c in found)
+    link_names = ("tp", "fsdp", "dp_replicate", *(("ep",) if experts else ()))
+    links_header = "links " + "/".join(link_names).replace("dp_replicate", "rep")
+    for header in ("", *MESH_DIMS, *(("ep",) if experts else ()), "AC", "GiB/rank", "step s",
+                   "tokens/s", "MFU", links_header, "status"):
         table.add_column(header, justify="left" if header in ("", "status") else "right")
     for c in shown:
         d, e = c.dims, c.estimate
         mark = "->" if c == chosen else ""
-        links = "/".join(e.links[name] for name in ("tp", "fsdp", "dp_replicate"))
-        table.add_row(mark, *map(str, d.shape), "on" if d.activation_checkpointing else "off",
+        links = "/".join(e.links[name] for name in link_names)
+        table.add_row(mark, *map(str, d.shape), *((str(d.ep),) if experts else ()),
+                      "on" if d.activation_checkpointing else "off",
                       f"{e.memory_bytes_per_rank / GIB:.1f}", f"{e.step_seconds:.3g}",
                       f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}", links,
                       "ok" if c.feasible else str(c.reason),
@@ -140,7 +162,8 @@ def print_table(run: RunConfig, found: list[Candidate], chosen: Candidate, *,
                       f"the reason")
     how = "auto: fastest feasible" if run.parallelism.name == "auto" else "explicit"
     console.print(f"chosen ({how}): {chosen.dims.mesh_str} "
-                  f"({' x '.join(MESH_DIMS)}), activation checkpointing "
+                  f"({' x '.join(MESH_DIMS)}{', ep of dp_shard' if experts else ''}), "
+                  f"activation checkpointing "
                   f"{'on' if chosen.dims.activation_checkpointing else 'off'}")
 
 

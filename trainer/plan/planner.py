@@ -33,9 +33,16 @@ from itertools import product
 import trainer.plan.precision as lowp
 from trainer.config import KEY, MESH_DIMS, PRECISION_AUTO, ConfigError, RunConfig
 from trainer.hardware import GIB, HardwareSpec, Link
-from trainer.models.family import ModelCosts, ParamCounts, Widths, ring_allreduce, ring_gather
+from trainer.models.family import (
+    ModelCosts,
+    ParamCounts,
+    ParamGroup,
+    Widths,
+    ring_allreduce,
+    ring_gather,
+)
 from trainer.models.registry import model_costs
-from trainer.plan.dims import FSDP_DIMS, ParallelDims
+from trainer.plan.dims import EP_DIM, EP_SPLITS, FSDP_DIMS, ParallelDims
 from trainer.plan.rejection import Rejection
 from trainer.plan.xla import rejection as xla_rejection
 from trainer.plan.xla import step_time as xla_step_time
@@ -152,12 +159,18 @@ class RunFacts:
                             run.ranks_per_node * run.hardware.nodes_per_domain)
         return cls(run, hardware, costs, costs.param_counts(), topology)
 
-    def dims(self, shape: tuple[int, ...], activation_checkpointing: bool) -> ParallelDims:
-        """`shape` carrying this run's batch."""
+    def dims(self, shape: tuple[int, ...], activation_checkpointing: bool,
+             ep: int = 1) -> ParallelDims:
+        """`shape` (and `ep`) carrying this run's batch."""
         d = self.run.data
         return ParallelDims(tuple(shape), activation_checkpointing,
                             micro_batch_size=d.micro_batch_size, seq_len=d.seq_len,
-                            global_batch_size=d.global_batch_size)
+                            global_batch_size=d.global_batch_size, ep=ep)
+
+    @property
+    def has_experts(self) -> bool:
+        """The model has routed experts: expert parallel is one of its dims."""
+        return hasattr(self.costs, "ep_rejection")
 
 
 def widths(run: RunConfig, dims: ParallelDims) -> Widths:
@@ -179,9 +192,10 @@ def widths(run: RunConfig, dims: ParallelDims) -> Widths:
 # Estimates
 
 
-def dim_links(topology: Topology, shape: tuple[int, ...]) -> dict[str, Link]:
-    """The link each mesh dim crosses, and the FSDP group's ("fsdp": the FSDP dims together,
-    which are adjacent in the mesh)."""
+def dim_links(topology: Topology, shape: tuple[int, ...], ep: int = 1) -> dict[str, Link]:
+    """The link each mesh dim crosses, the FSDP group's ("fsdp": the FSDP dims together, which
+    are adjacent in the mesh), expert parallel's ("ep": the innermost ep ranks of dp_shard) and
+    the experts' FSDP group's ("expert_fsdp": what ep leaves of dp_shard)."""
     sizes = dict(zip(MESH_DIMS, shape, strict=True))
     links: dict[str, Link] = {}
     stride = 1
@@ -191,7 +205,21 @@ def dim_links(topology: Topology, shape: tuple[int, ...]) -> dict[str, Link]:
     inner = MESH_DIMS[MESH_DIMS.index(FSDP_DIMS[-1]) + 1:]
     links["fsdp"] = topology.link(math.prod(sizes[d] for d in FSDP_DIMS),
                                   math.prod(sizes[d] for d in inner))
-    return {name: links[name] for name in (*MESH_DIMS, "fsdp")}
+    below_ep = math.prod(sizes[d] for d in MESH_DIMS[MESH_DIMS.index(EP_SPLITS) + 1:])
+    links[EP_DIM] = topology.link(ep, below_ep)
+    links["expert_fsdp"] = topology.link(sizes[EP_SPLITS] // ep, ep * below_ep)
+    return {name: links[name] for name in (*MESH_DIMS, "fsdp", EP_DIM, "expert_fsdp")}
+
+
+def fsdp_local(params: ParamCounts, dims: ParallelDims, *, split_only: str | None = None,
+               exclude: str | None = None) -> float:
+    """Elements of `params` one rank stores: each group split by its dims, then sharded by FSDP
+    over what of the FSDP ranks its split dims leave (ep takes its share of dp_shard). With
+    `split_only` or `exclude`, only the groups split (or not split) by that dim."""
+    sizes = dims.split_sizes
+    return sum(g.local(sizes) / dims.fsdp_size_of(g.split) for g in params.groups
+               if (split_only is None or split_only in g.split)
+               and (exclude is None or exclude not in g.split))
 
 
 def memory_breakdown(facts: RunFacts, dims: ParallelDims) -> dict[str, float]:
@@ -212,17 +240,23 @@ def memory_breakdown(facts: RunFacts, dims: ParallelDims) -> dict[str, float]:
         its all-reduce buckets (gradient_as_bucket_view is off by default).
     activations: the family's bytes per token (`ModelCosts.activation_bytes_per_token`, plus
         `document_mask_bytes_per_token` when attention is masked by document) for the tokens one
-        rank holds; logits: see `logits_bytes`.
+        rank holds; logits: see `logits_bytes`. Under expert parallel, the part of them that
+        lands on whichever rank holds a token's expert (`routed_bytes_per_token`) grows by
+        plan.expert_load - 1 on the busiest rank (routing is dropless).
+    Routed experts are split over ep (which borrows ep of dp_shard's ranks) and sharded by FSDP
+    over the rest of dp_shard (`fsdp_local`).
     """
     w = widths(facts.run, dims)
-    p, sizes = facts.params, dims.sizes
-    local = p.per_rank(sizes) / dims.fsdp_size
+    p, sizes = facts.params, dims.split_sizes
+    local = fsdp_local(p, dims)
     unit = p.largest_unit(sizes)
     activations = facts.costs.activation_bytes_per_token(
         w, tp=dims.tp, sequence_parallel=facts.run.parallelism.sequence_parallel,
         checkpointing=dims.activation_checkpointing)
     if facts.run.uses_document_mask:
         activations += facts.costs.document_mask_bytes_per_token(w, facts.run.data.seq_len)
+    if dims.expert_parallel:  # on one rank every routed copy is its own: no imbalance
+        activations += (facts.run.plan.expert_load - 1) * _routed_bytes(facts, dims, w)
     # fp8 / mxfp8: the converted linears cast their own weights (no autocast copy), and with
     # float8 all-gather FSDP gathers those in one byte (`trainer.plan.precision`)
     autocast_copied = p.matmul_per_rank(sizes) - (
@@ -238,6 +272,11 @@ def memory_breakdown(facts: RunFacts, dims: ParallelDims) -> dict[str, float]:
         "activations": dims.tokens_per_microbatch * activations,
         "logits": logits_bytes(facts, dims, w),
     }
+
+
+def _routed_bytes(facts: RunFacts, dims: ParallelDims, w: Widths) -> float:
+    routed = getattr(facts.costs, "routed_bytes_per_token", None)
+    return routed(w, tp=dims.tp, checkpointing=dims.activation_checkpointing) if routed else 0.0
 
 
 def logits_bytes(facts: RunFacts, dims: ParallelDims, w: Widths) -> float:
@@ -270,28 +309,47 @@ def step_time(facts: RunFacts, dims: ParallelDims, links: dict[str, Link]) -> di
         (gradient sync is skipped on accumulation micro-batches).
     exposed_dp: the FSDP and replica traffic overlaps plan.overlap of the compute time
         (prefetch, backward hooks); only what exceeds that adds to the step.
+    With routed experts: the experts' FSDP traffic goes over the dp_shard ranks ep leaves and
+        their link ("expert_fsdp"); ep: expert parallel's all-to-all (the family's
+        `a2a_bytes_per_token`) over the link the ep group spans, exposed (each exchange sits
+        between the router and the experts that need its result); and with ep > 1 the busiest
+        rank receives plan.expert_load x its share of routed tokens, which scales the experts'
+        FLOPs (`routed_flops_per_token`) and the all-to-all on it.
     Links run at plan.link_efficiency of their nominal bandwidth. Bandwidth only: latency per
     collective is not modelled.
     """
     run, hw = facts.run, facts.hardware
     w = widths(run, dims)
     accumulation = dims.accumulation
+    load = run.plan.expert_load if dims.expert_parallel else 1.0
     passes = _RECOMPUTE_FACTOR if dims.activation_checkpointing else 1.0
     tokens_per_rank = dims.tokens_per_step / dims.world_size * passes
-    flops = facts.costs.flops_per_token(run.data.seq_len) * tokens_per_rank
+    per_token = facts.costs.flops_per_token(run.data.seq_len)
+    per_token += (load - 1) * getattr(facts.costs, "routed_flops_per_token", lambda: 0.0)()
+    flops = per_token * tokens_per_rank
     converted = lowp.converted_flops_per_token(facts.costs, run) * tokens_per_rank
     compute = ((flops - converted) / hw.peak_flops_per_rank()
                + converted / lowp.peak(hw, run)) / run.plan.mfu
-    casts = lowp.cast_seconds(facts.costs, run, dims,
-                              facts.params.low_precision_per_rank(dims.sizes), passes)
 
-    local_params = facts.params.per_rank(dims.sizes)
-    gathered = facts.params.per_rank_bytes(dims.sizes, lowp.gather_width(run, dims, w))
+    sizes, p = dims.split_sizes, facts.params
+    casts = lowp.cast_seconds(facts.costs, run, dims, p.low_precision_per_rank(sizes), passes)
+    width = lowp.gather_width(run, dims, w)
+
+    def fsdp_traffic(groups: list[ParamGroup]) -> float:
+        # all-gathered in the forward and again in the backward, gradients reduce-scattered
+        return sum(g.local(sizes) * (2 * width(g) + w.reduce) for g in groups)
+
+    dense = fsdp_traffic([g for g in p.groups if EP_DIM not in g.split])
+    routed = fsdp_traffic([g for g in p.groups if EP_DIM in g.split])
     n_fsdp, n_rep = dims.fsdp_size, dims.dp_replicate
-    fsdp_bytes = accumulation * ring_gather(2 * gathered + local_params * w.reduce, n_fsdp)
-    replicate_bytes = ring_allreduce(local_params / n_fsdp * w.reduce, n_rep)
+    fsdp_bytes = accumulation * ring_gather(dense, n_fsdp)
+    expert_fsdp_bytes = accumulation * ring_gather(routed, n_fsdp // dims.ep)
+    replicate_bytes = ring_allreduce(fsdp_local(p, dims) * w.reduce, n_rep)
     tp_bytes = accumulation * dims.tokens_per_microbatch * facts.costs.tp_bytes_per_token(
         w, tp=dims.tp, checkpointing=dims.activation_checkpointing)
+    a2a = getattr(facts.costs, "a2a_bytes_per_token", None)
+    ep_bytes = load * accumulation * dims.tokens_per_microbatch * (a2a(
+        w, ep=dims.ep, checkpointing=dims.activation_checkpointing) if a2a else 0.0)
 
     def seconds(nbytes: float, link: Link) -> float:
         if not nbytes:
@@ -300,11 +358,13 @@ def step_time(facts: RunFacts, dims: ParallelDims, links: dict[str, Link]) -> di
         return nbytes / bandwidth if bandwidth > 0 else math.inf  # no such link: never done
 
     tp = seconds(tp_bytes, links["tp"])
-    fsdp = seconds(fsdp_bytes, links["fsdp"])
+    ep = seconds(ep_bytes, links[EP_DIM])
+    fsdp = seconds(fsdp_bytes, links["fsdp"]) + seconds(expert_fsdp_bytes, links["expert_fsdp"])
     replicate = seconds(replicate_bytes, links["dp_replicate"])
     exposed_dp = max(0.0, fsdp + replicate - run.plan.overlap * (compute + casts))
-    return {"compute": compute, "casts": casts, "tp": tp, "fsdp": fsdp, "replicate": replicate,
-            "exposed_dp": exposed_dp, "step": compute + casts + tp + exposed_dp}
+    return {"compute": compute, "casts": casts, "tp": tp, "ep": ep, "fsdp": fsdp,
+            "replicate": replicate, "exposed_dp": exposed_dp,
+            "step": compute + casts + tp + ep + exposed_dp}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,7 +397,40 @@ def structural_rejection(facts: RunFacts, dims: ParallelDims,
         return Rejection(KEY.parallelism.tp, dims.tp,
                          f"does not divide the {topo.ranks_per_node} ranks of a node, so some "
                          f"tp groups would straddle two nodes")
-    return _batch_rejection(run, dims) or _link_rejection(facts, dims, links)
+    return (_expert_rejection(facts, dims, links) or _batch_rejection(run, dims)
+            or _link_rejection(facts, dims, links))
+
+
+def _expert_rejection(facts: RunFacts, dims: ParallelDims,
+                      links: dict[str, Link]) -> Rejection | None:
+    """Expert parallel needs experts, a stack that runs its all-to-all, and a degree that splits
+    the experts evenly; it stays inside the scale-up domain (NVL72 NVLink, UltraServer
+    NeuronLink), the link its all-to-all is built for."""
+    shardable = getattr(facts.costs, "expert_shard_rejection", None)
+    if shardable is not None and dims.fsdp and (refusal := shardable(
+            ep=dims.ep, tp=dims.tp, shards=dims.fsdp_size_of((EP_DIM,)))) is not None:
+        return Rejection(*refusal)
+    if dims.ep == 1:
+        return None
+    run, hw, key = facts.run, facts.hardware, KEY.parallelism.ep
+    if not facts.has_experts:
+        return Rejection(key, dims.ep, f"{KEY.model}={run.model.name} has no experts to split "
+                                       f"(expert parallel needs {KEY.model.family}=moe)")
+    if not hw.config.expert_parallel:
+        return Rejection(key, dims.ep,
+                         f"{hw.name}'s software stack has no expert-parallel backend "
+                         f"(hardware.expert_parallel=false; AWS's neuron_ep runs on Trn3 only): "
+                         f"plan it without EP, tensor parallel x FSDP, as AWS's own Trn2 MoE "
+                         f"recipes do")
+    if (refusal := facts.costs.ep_rejection(dims.ep)) is not None:
+        return Rejection(*refusal)
+    if links[EP_DIM] == "inter":
+        return Rejection(key, dims.ep,
+                         f"its groups of {dims.ep} (x tp={dims.tp}) ranks would cross "
+                         f"{hw.name}'s scale-up domain ({facts.topology.ranks_per_domain} ranks): "
+                         f"expert parallel's all-to-all stays on the domain's own links, "
+                         f"never EFA", kind="link")
+    return None
 
 
 def _batch_rejection(run: RunConfig, dims: ParallelDims) -> Rejection | None:
@@ -378,10 +471,11 @@ def memory_rejection(facts: RunFacts, dims: ParallelDims,
                      f"{KEY.plan.memory_headroom}={facts.run.plan.memory_headroom})", kind="memory")
 
 
-def evaluate(facts: RunFacts, shape: tuple[int, ...], activation_checkpointing: bool) -> Candidate:
+def evaluate(facts: RunFacts, shape: tuple[int, ...], activation_checkpointing: bool,
+             ep: int = 1) -> Candidate:
     """One candidate with its estimate and, if it cannot run, the reason."""
-    dims = facts.dims(shape, activation_checkpointing)
-    links = dim_links(facts.topology, dims.shape)
+    dims = facts.dims(shape, activation_checkpointing, ep)
+    links = dim_links(facts.topology, dims.shape, dims.ep)
     times = step_time(facts, dims, links)
     if facts.run.uses_xla:
         times = xla_step_time(times)
@@ -439,12 +533,18 @@ def choose(run: RunConfig) -> Candidate:
             raise refusal
         return _best(run, candidates(run, facts))
     ac = bool(run.parallelism.activation_checkpointing)
-    chosen = evaluate(facts, explicit_shape(run), ac)
+    shape, ep = explicit_shape(run), run.parallelism.ep or 1
+    dp_shard = shape[MESH_DIMS.index(EP_SPLITS)]
+    if dp_shard % ep:
+        raise ConfigError(KEY.parallelism.ep, ep,
+                          f"must divide {getattr(KEY.parallelism, EP_SPLITS)}={dp_shard}: expert "
+                          f"parallel borrows its ranks from it")
+    chosen = evaluate(facts, shape, ac, ep)
     if chosen.feasible:
         return chosen
     why = chosen.reason.why
     if chosen.reason.kind == "memory" and not ac:
-        with_ac = evaluate(facts, chosen.dims.shape, True)
+        with_ac = evaluate(facts, chosen.dims.shape, True, ep)
         if with_ac.feasible:
             why += (f"; with {KEY.parallelism.activation_checkpointing}=true it needs "
                     f"{with_ac.estimate.memory_bytes_per_rank / GIB:.1f} GiB")
@@ -481,7 +581,7 @@ def resolve_precision(run: RunConfig) -> RunConfig:
 def constraints(run: RunConfig) -> dict[str, int]:
     """The dims a user fixed under parallelism=auto: set and not -1 (which means "the rest")."""
     p = run.parallelism
-    return {name: size for name in MESH_DIMS
+    return {name: size for name in (*MESH_DIMS, EP_DIM)
             if (size := getattr(p, name)) is not None and size != -1}
 
 
@@ -492,13 +592,24 @@ def candidates(run: RunConfig, facts: RunFacts | None = None) -> list[Candidate]
     fixed = constraints(run)
     ac = run.parallelism.activation_checkpointing
     return [c for c in all_candidates(facts or RunFacts.of(run))
-            if all(c.dims.size(name) == size for name, size in fixed.items())
+            if all(c.dims.split_sizes[name] == size for name, size in fixed.items())
             and (ac is None or c.dims.activation_checkpointing == ac)]
 
 
 def all_candidates(facts: RunFacts) -> list[Candidate]:
-    return [evaluate(facts, shape, ac)
-            for shape in factorizations(facts.topology.world) for ac in (False, True)]
+    return [evaluate(facts, shape, ac, ep)
+            for shape in factorizations(facts.topology.world)
+            for ep in expert_degrees(facts, shape) for ac in (False, True)]
+
+
+def expert_degrees(facts: RunFacts, shape: tuple[int, ...]) -> list[int]:
+    """The ep degrees a shape offers: 1, and for a model with experts every divisor of dp_shard
+    that splits them evenly."""
+    if not facts.has_experts:
+        return [1]
+    dp_shard = shape[MESH_DIMS.index(EP_SPLITS)]
+    return [ep for ep in range(1, dp_shard + 1)
+            if dp_shard % ep == 0 and facts.costs.ep_rejection(ep) is None]
 
 
 def _best(run: RunConfig, found: list[Candidate]) -> Candidate:

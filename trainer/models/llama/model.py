@@ -179,7 +179,7 @@ class Transformer(nn.Module):
         else:
             positions = document_positions(documents)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            mask = block_causal_mask(documents, _attention_dtype(h))
+            mask = block_causal_mask(documents, attention_dtype(h))
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
@@ -209,7 +209,7 @@ class Transformer(nn.Module):
                 init.fill_normal_(param, key, seed, std)
 
 
-def _attention_dtype(h: Tensor) -> torch.dtype:
+def attention_dtype(h: Tensor) -> torch.dtype:
     """The dtype attention's inputs have: autocast's where it is on, else the stream's."""
     device = h.device.type
     if torch.is_autocast_enabled(device):
