@@ -59,8 +59,8 @@ def fit(run: RunConfig, *, run_dir: Path, resolved: dict[str, Any], overrides: l
     dims = check_startable(run)  # again: callers may come in without preflight
     prepare_process(run)
     module = build_module(run, dims)
+    checkpoints = build_checkpointing(run, dims, run_dir)  # a refused resume: its line alone
     data = open_data(run)
-    checkpoints = build_checkpointing(run, dims, run_dir)
     track = start_tracking(run, dims, run_dir, resolved, overrides, sweep)
     saver = build_saver(run, checkpoints, track)
     monitor = StepMonitor(_throughput(run, dims, module), every_n=run.trainer.log_every_n_steps)

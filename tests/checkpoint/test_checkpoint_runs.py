@@ -284,7 +284,9 @@ def test_every_checkpoint_damaged_stops_the_resume_and_fresh_starts_over_keeping
                                                               "checkpoint.resume=last"]),
                           cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    (line,) = proc.stderr.strip().splitlines()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    (line,) = lines
     assert line.startswith(f"config error: checkpoint.resume='last': no usable checkpoint under "
                            f"{url}: every committed one failed verification (")
     for step in (4, 5, 6):
