@@ -9,6 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --disable-pip-version-check --quiet
 ARGS ?=
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers: one per core here. A test file stays on one worker (its
+# module fixtures, a training run or a server, are built once); files go out in the order
+# tests/conftest.py sorts them (longest first).
+TEST_WORKERS ?= 2
 
 .PHONY: install dev train test test-xla lint bench docs reference system-deps clean
 
@@ -38,7 +42,7 @@ train: install
 	$(PY) -m trainer $(ARGS)
 
 test: dev system-deps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The XLA path's tests, in an environment of their own: torch-xla on PyPI stops at 2.9.0 and needs
 # torch 2.9.0, whose PyPI wheel is the CUDA build (about 4 GB to download, 8 GB installed, 4-5

@@ -20,6 +20,21 @@ MLFLOW_START_TIMEOUT_S = 120  # about 25 s on 2 idle cores; more while other sui
 
 # MLflow 3 reports usage to its vendor by default; tests (and CI without egress) keep it local.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Tables (Rich) in a subprocess's output are as wide as the page shows them, whether pytest's
+# stdin is a terminal or (pytest-xdist's workers, CI) not.
+os.environ["COLUMNS"] = "250"
+
+
+# `make test` hands whole files to its workers in collection order: the longest files (2-6
+# minutes each, measured on 2 cores) go first, so that no long file runs alone at the end.
+LONGEST_FIRST = ("tests/test_validate_plan_moe.py", "tests/checkpoint/test_checkpoint_runs.py",
+                 "tests/launch/test_launch_slurm.py", "tests/test_moe_train.py",
+                 "tests/test_validate_plan.py", "tests/test_precision.py", "tests/test_docs.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    first = {path: rank for rank, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.nodeid.split("::", 1)[0], len(first)))
 
 
 def require(what: str, why: str) -> None:

@@ -73,8 +73,9 @@ def run(scenario: Scenario) -> dict[str, float]:
     results = train_beside_reference(
         model, reference, mesh, args.vocab_size, args.max_seq_len, loss_of=loss_with_balance,
         after_step=lambda m: m.after_optimizer_step(),
-        # whole rows: packed documents are proven by the first gradients above; over three AdamW
-        # steps they left ep2 x tp2's embedding 4.5e-3 from the reference (7.6e-4 unpacked)
+        # whole rows, whose draws route no token near a top-k tie: a tie that float sums break
+        # the other way sends a token to another expert (other batches moved experts by 1%).
+        # Packed documents are proven by the first gradients above.
         packed=False)
     biases = [(r.expert_bias - ref.expert_bias).abs().max().item()
               for r, ref in zip(model.routers(), reference.routers(), strict=True)]

@@ -106,9 +106,10 @@ def train_beside_reference(model: torch.nn.Module, reference: torch.nn.Module, m
     for step in range(STEPS):
         tokens = torch.randint(vocab_size, (replicas * MICRO_BATCH, seq_len + 1), generator=data)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        # odd steps: each row packs documents (a new one starts where a draw falls under 0.2)
-        starts = torch.rand(inputs.shape, generator=data) < 0.2
-        documents = [starts.cumsum(dim=1, dtype=torch.int32)] if packed and step % 2 else []
+        documents = []
+        if packed:  # odd steps: rows pack documents (one starts where a draw falls under 0.2)
+            starts = torch.rand(inputs.shape, generator=data) < 0.2
+            documents = [starts.cumsum(dim=1, dtype=torch.int32)] if step % 2 else []
         mine = slice(dp_rank * MICRO_BATCH, (dp_rank + 1) * MICRO_BATCH)
         losses, norms = [], []
         for m, opt, clip, rows in ((model, optimizer, clip_grad_norm, mine),
