@@ -24,7 +24,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     which only hurts. Parameters are grouped by kind as well: a foreach kernel takes DTensors or
     plain tensors, not both (tensor parallel without FSDP leaves an MoE router plain), and
     DTensors on meshes of more than FOREACH_MAX_MESH_DIMS dims go per tensor."""
-    groups: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[bool, bool, bool | None], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
             kind = (param.ndim >= 2, isinstance(param, torch.distributed.tensor.DTensor),
@@ -34,14 +34,21 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(
         [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
           "foreach": foreach}
-         for (decay, _, foreach), params in sorted(groups.items(), reverse=True)],
+         for (decay, _, foreach), params in sorted(groups.items(), key=_group_order)],
         lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
 
 
-def _foreach(tensor: torch.Tensor) -> bool:
+def _foreach(tensor: torch.Tensor) -> bool | None:
+    """False: per tensor (a DTensor on a large mesh); None: torch's own choice, which is foreach
+    only on devices that have the kernels (not XLA, whose tensors refuse foreach=True)."""
     mesh = _mesh_of(tensor)
-    return mesh is None or mesh.ndim <= FOREACH_MAX_MESH_DIMS
+    return False if mesh is not None and mesh.ndim > FOREACH_MAX_MESH_DIMS else None
+
+
+def _group_order(item: tuple[tuple[bool, bool, bool | None], list]) -> tuple[bool, ...]:
+    (decay, dtensor, foreach), _ = item
+    return (not decay, not dtensor, foreach is False)  # decayed matrices first, as before
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
