@@ -62,12 +62,18 @@ def test_two_processes_train_and_the_loss_falls(tmp_path: Path):
 
 
 GLOO_EXIT = """
-import atexit, sys, torch.distributed as dist
-from trainer.train import _exit_before_gloo_teardown
+import atexit, pathlib, sys, time, torch.distributed as dist
+from trainer.train import _GLOO_THREADS, _exit_before_gloo_teardown
 if sys.argv[1] == "gloo":
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     mesh_holds = dist.distributed_c10d._get_default_group()  # as a run's meshes hold theirs
     dist.destroy_process_group()
+    # a thread names itself once it runs: on a busy machine, give it the time a run's steps do
+    tasks = pathlib.Path("/proc/self/task")
+    deadline = time.monotonic() + 10
+    while (time.monotonic() < deadline and not _GLOO_THREADS
+           & {(t / "comm").read_text().strip() for t in tasks.iterdir()}):
+        time.sleep(0.05)
 atexit.register(lambda: print("interpreter teardown ran"))
 _exit_before_gloo_teardown(0)
 print("returned")
