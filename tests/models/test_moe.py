@@ -18,7 +18,7 @@ from trainer.models.moe.model import Router, Transformer
 from trainer.models.moe.parallelize import parallelize
 from trainer.models.moe.shape import MoEArgs
 from trainer.models.registry import shape_of
-from trainer.plan import ParallelDims
+from trainer.plan import ParallelDims, choose
 from trainer.validate_plan import fake_world
 
 TINY = MoEArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=96,
@@ -289,6 +289,19 @@ def test_compile_and_sequence_parallel_are_refused_for_the_moe_family():
         with pytest.raises(ValueError, match=r"parallelism\.sequence_parallel=true"):
             parallelize(model, mesh, ParallelDims((1, 1, 1, 2)),
                         ParallelismConfig(sequence_parallel=True))
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.precision=mxfp8", "trainer.precision"),
+    ("parallelism.compile=true", "parallelism.compile"),
+    ("parallelism.sequence_parallel=true", "parallelism.sequence_parallel"),
+])
+def test_what_the_moe_family_does_not_train_with_is_a_config_error_before_planning(override, key):
+    run = load(["model=moe_tiny", override])
+    with pytest.raises(ConfigError, match=r"not offered for model\.family=moe") as refused:
+        choose(run)
+    assert refused.value.key == key
 
 
 def test_a_single_rank_leaves_the_experts_plain():
