@@ -304,6 +304,25 @@ def test_what_the_moe_family_does_not_train_with_is_a_config_error_before_planni
     assert refused.value.key == key
 
 
+def test_a_packed_sequence_computes_each_document_as_if_alone():
+    """Document masking, as Llama's: each document in a packed row gets the logits it gets alone
+    (routing is per token, so the experts see the same rows either way)."""
+    torch.manual_seed(0)
+    model = Transformer(TINY).eval()
+    lengths = [[5, 9, 2], [16]]
+    docs = [[torch.randint(TINY.vocab_size, (1, n)) for n in row] for row in lengths]
+    packed = torch.cat([torch.cat(row, dim=1) for row in docs])
+    documents = torch.cat([torch.cat([torch.full((1, n), i, dtype=torch.int32)
+                                      for i, n in enumerate(row)], dim=1) for row in lengths])
+    with torch.no_grad():
+        together = model(packed, documents)
+        alone = [torch.cat([model(doc) for doc in row], dim=1) for row in docs]
+        unmasked = model(packed)
+    for r, row in enumerate(alone):
+        torch.testing.assert_close(together[r:r + 1], row, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked[0, 5:], together[0, 5:], atol=1e-3)
+
+
 def test_a_single_rank_leaves_the_experts_plain():
     model = parallelized((1, 1, 1, 1), ep=1)
     assert not any(isinstance(p, DTensor) for p in model.parameters())

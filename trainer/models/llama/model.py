@@ -93,6 +93,17 @@ def block_causal_mask(documents: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
 
 
+def rotary_and_mask(documents: Tensor | None, cos: Tensor, sin: Tensor, seq_len: int,
+                    h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rotary tables for a forward over `seq_len` tokens and its attention mask: the first
+    seq_len rows and plain causal attention (None), or with `documents` each token's row at its
+    position in its document and the block-causal mask in the dtype attention computes in."""
+    if documents is None:
+        return cos[:seq_len], sin[:seq_len], None
+    positions = document_positions(documents)
+    return cos[positions], sin[positions], block_causal_mask(documents, _attention_dtype(h))
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention: n_heads query heads share n_kv_heads key/value heads.
     With a mask (`block_causal_mask`), attention is limited to each token's document."""
@@ -173,13 +184,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds "
                              f"max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
-        mask = None
-        if documents is None:
-            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        else:
-            positions = document_positions(documents)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            mask = block_causal_mask(documents, attention_dtype(h))
+        cos, sin, mask = rotary_and_mask(documents, self.rope_cos, self.rope_sin, seq_len, h)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
@@ -209,7 +214,7 @@ class Transformer(nn.Module):
                 init.fill_normal_(param, key, seed, std)
 
 
-def attention_dtype(h: Tensor) -> torch.dtype:
+def _attention_dtype(h: Tensor) -> torch.dtype:
     """The dtype attention's inputs have: autocast's where it is on, else the stream's."""
     device = h.device.type
     if torch.is_autocast_enabled(device):

@@ -40,9 +40,7 @@ from trainer.models.llama.model import (
     INIT_STD,
     FeedForward,
     RMSNorm,
-    attention_dtype,
-    block_causal_mask,
-    document_positions,
+    rotary_and_mask,
     rotary_tables,
 )
 from trainer.models.moe.experts import Exchange, expert_swiglu, inverse
@@ -288,13 +286,7 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence length {seq_len} exceeds "
                              f"max_seq_len={self.args.max_seq_len}")
         h = self.tok_embeddings(tokens)
-        mask = None
-        if documents is None:
-            cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
-        else:  # packed documents: each attends within itself, positions restart (as Llama's)
-            positions = document_positions(documents)
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            mask = block_causal_mask(documents, attention_dtype(h))
+        cos, sin, mask = rotary_and_mask(documents, self.rope_cos, self.rope_sin, seq_len, h)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)
         return self.output(self.norm(h))
