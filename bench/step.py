@@ -31,7 +31,7 @@ the allocator's and the compiler's own overhead. The estimate is the planner's
     # NVIDIA H100/H200 (the target is 50% MFU or more):
     python bench/step.py hardware=h100 model=llama3_1b trainer.precision=bf16-true \\
         parallelism.compile=true data.seq_len=2048 data.micro_batch_size=4
-    # fp8 against bf16-mixed in one run (bench/gpu_check.sh runs this on a lent GPU):
+    # fp8 against bf16-mixed in one run (bench/gpu_session.sh runs this on a lent GPU):
     python bench/step.py hardware=h200 model=llama3_1b parallelism.compile=true \\
         data.seq_len=2048 data.micro_batch_size=4 --variant trainer.precision=bf16-mixed \\
         --variant trainer.precision=fp8 --variant "trainer.precision=fp8 trainer.fp8_recipe=rowwise"
